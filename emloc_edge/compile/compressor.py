@@ -1,0 +1,174 @@
+"""The chunk loop: demonstrations -> rendered chunks -> EMLoC-compressed task memory."""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from .. import __version__
+from ..errors import BadInputError, ModelMismatchError
+from ..memory import PRECISIONS, MemoryMeta, TaskMemory
+from ..models.base import ModelAdapter, Sequence
+from ..models.decoder import RaggedDecoder
+from .chunk import compress_chunk
+from .demos import Demo
+from .query import memory_kv
+from .policy import POLICIES, GreedyTopDown, UniformRatio, validate_ratios
+
+
+@dataclass
+class CompileOptions:
+    """EMLoC hyperparameters; defaults are the paper's (delta 0.005 nats, ratios 0.1/0.2/0.5, 4 demos a chunk)."""
+
+    delta: float = 0.005  # JS tolerance on the final output; < 0 prunes nothing, inf always takes the smallest ratio
+    ratios: tuple[float, ...] = (0.1, 0.2, 0.5)  # candidate keep ratios, tried smallest first
+    chunk_size: int = 4  # demonstrations per chunk
+    precision: str = "int8"  # how the memory file stores K/V: int8 | fp16 | fp32
+    policy: str = "emloc"  # "emloc" (adaptive per layer) or "uniform" (ratios[0] in every layer)
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.delta):
+            raise BadInputError("--delta must be a number, got nan")
+        self.ratios = validate_ratios(tuple(float(r) for r in self.ratios))
+        if self.chunk_size < 1:
+            raise BadInputError(f"--chunk-size must be at least 1, got {self.chunk_size}")
+        if self.precision not in PRECISIONS:
+            raise BadInputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.policy not in POLICIES:
+            raise BadInputError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+
+    def make_policy(self):
+        if self.policy == UniformRatio.name:
+            return UniformRatio(ratio=self.ratios[0])
+        return GreedyTopDown(delta=self.delta, ratios=self.ratios)
+
+    def hyperparameters(self) -> dict:
+        return {"delta": self.delta, "ratios": list(self.ratios), "chunk_size": self.chunk_size, "policy": self.policy}
+
+
+class Progress(Protocol):
+    def chunk(self, index: int, total: int, demos: int) -> None: ...
+    def layer(self) -> None: ...
+
+
+class _Silent:
+    def chunk(self, index: int, total: int, demos: int) -> None:
+        pass
+
+    def layer(self) -> None:
+        pass
+
+
+@dataclass
+class Compressor:
+    adapter: ModelAdapter
+    options: CompileOptions = field(default_factory=CompileOptions)
+
+    def __post_init__(self) -> None:
+        self.decoder = RaggedDecoder(self.adapter)
+
+    @torch.no_grad()
+    def compile(self, demos: list[Demo], existing: TaskMemory | None = None, progress: Progress | None = None) -> TaskMemory:
+        """Compress `demos` into a new memory, or as further chunks of `existing` (left untouched)."""
+        progress = progress or _Silent()
+        if not demos:
+            raise BadInputError("no demonstrations to compile")
+        memory = self._start(existing)
+        chunks = [demos[i : i + self.options.chunk_size] for i in range(0, len(demos), self.options.chunk_size)]
+        first = existing is None
+        rendered = [self._render_chunk(c, with_system=first and k == 0) for k, c in enumerate(chunks)]
+        if first:
+            pieces = [p for _, _, ps in rendered for p in ps]
+            self.adapter.chat.check_concatenation(pieces, self.adapter.chat.messages(demos))
+        self._check_positions(memory, [seq for seq, _, _ in rendered])
+
+        working = memory_kv(memory)
+        offset, tokens_before = memory.meta.position_offset, memory.meta.context_tokens
+        policy = self.options.make_policy()
+        for k, (chunk_seq, calib_seqs, _) in enumerate(rendered):
+            progress.chunk(k, len(chunks), len(chunks[k]))
+            result = compress_chunk(
+                self.decoder, working,
+                self.adapter.embed([chunk_seq]), self.adapter.embed(calib_seqs),
+                offset, policy, memory.meta.precision, demos=len(chunks[k]), on_settle=progress.layer,
+            )
+            index = [i + tokens_before for i in result.token_index]  # within the chunk -> within the context
+            memory.add_chunk(result.keys, result.values, index, result.record)
+            working = result.memory
+            offset += result.span
+            tokens_before += result.record.tokens
+        memory.meta.position_offset = offset
+        memory.meta.context_tokens = tokens_before
+        return memory
+
+    # --- steps ------------------------------------------------------------------------------------
+    def _start(self, existing: TaskMemory | None) -> TaskMemory:
+        a, g = self.adapter, self.adapter.geometry
+        if existing is not None:
+            if existing.meta.model_fingerprint != a.fingerprint():
+                raise ModelMismatchError(f"the memory was built with {existing.meta.model_name}, not {a.name}")
+            if existing.meta.hyperparameters != self.options.hyperparameters() or existing.meta.precision != self.options.precision:
+                raise BadInputError(
+                    "appending needs the memory's own settings: "
+                    f"{_settings(existing.meta.hyperparameters, existing.meta.precision)}"
+                )
+            return copy.deepcopy(existing)  # the caller's memory stays as it was
+        text_prefix, text_suffix = a.chat.query_template(has_image=False)
+        template = {
+            "query_text": [text_prefix, text_suffix],
+            "query_image": list(a.chat.query_template(has_image=True)) if a.has_vision else None,
+            "end_of_turn": a.chat.end_of_turn,
+            "stop_token_ids": sorted({a.chat.end_of_turn_id, *_eos_ids(a.tokenizer)}),
+        }
+        meta = MemoryMeta(
+            model_name=a.name, model_family=a.family, model_fingerprint=a.fingerprint(),
+            num_layers=g.num_layers, num_kv_heads=g.num_kv_heads, head_dim=g.head_dim,
+            precision=self.options.precision, position_offset=0, position_dims=g.position_dims,
+            context_tokens=0, hyperparameters=self.options.hyperparameters(), template=template,
+            image_preprocessing=a.image_preprocessing(), chunks=[], created_by=f"emloc-edge {__version__}",
+        )
+        return TaskMemory.empty(meta)
+
+    def _render_chunk(self, demos: list[Demo], with_system: bool):
+        """(chunk sequence, one calibration sequence per demo, the chunk's text pieces)."""
+        chat, adapter = self.adapter.chat, self.adapter
+        pieces = [
+            chat.demo_piece(d.question, d.answer, d.image is not None, with_system=with_system and i == 0)
+            for i, d in enumerate(demos)
+        ]
+        images = [[d.image] if d.image is not None else [] for d in demos]
+        parts = [adapter.sequence(p, imgs) for p, imgs in zip(pieces, images)]
+        chunk = Sequence(
+            [t for s in parts for t in s.input_ids],
+            [a for s in parts for a in s.answer_mask],
+            [p for s in parts for p in s.images],
+        )
+        # Calibration copies are rendered without the system turn, even the first demo's.
+        calib = [
+            adapter.sequence(chat.demo_piece(d.question, d.answer, d.image is not None, with_system=False), imgs)
+            for d, imgs in zip(demos, images)
+        ]
+        return chunk, calib, pieces
+
+    def _check_positions(self, memory: TaskMemory, chunks: list[Sequence]) -> None:
+        needed = memory.meta.position_offset + sum(self.adapter.position_span(s) for s in chunks)
+        limit = self.adapter.geometry.max_positions
+        if needed >= limit:
+            raise BadInputError(
+                f"the demonstrations need {needed} positions but {self.adapter.name} has {limit}; "
+                "use fewer or shorter demonstrations"
+            )
+
+
+def _eos_ids(tokenizer) -> set[int]:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, (list, tuple)) else {eos}
+
+
+def _settings(h: dict, precision: str) -> str:
+    return f"--delta {h['delta']} --ratios {','.join(str(r) for r in h['ratios'])} --chunk-size {h['chunk_size']} --precision {precision}"

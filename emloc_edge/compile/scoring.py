@@ -1,0 +1,34 @@
+"""Token importance from answer-token attention, and selection of the tokens a layer keeps."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def smooth_scores(mass: torch.Tensor, answer: torch.Tensor, width: int = 5) -> torch.Tensor:
+    """EMLoC importance of each chunk token per KV head.
+
+    mass [kv, L]: attention mass each token received from the calibration answer tokens (summed over
+    rows, queries and the query heads of the group). Smoothed by a zero-padded average of `width`
+    neighbours, so spans survive together. Answer tokens get +inf: the reference added 100, which a
+    heavily attended token (a sink) can exceed once many answer queries are summed.
+    answer [L] bool.
+    """
+    smoothed = F.avg_pool1d(mass[:, None], width, stride=1, padding=width // 2, count_include_pad=True)[:, 0]  # [kv, L]
+    return smoothed.masked_fill(answer[None], float("inf"))
+
+
+def keep_count(ratio: float, tokens: int, answers: int) -> int:
+    """Tokens a layer keeps at `ratio`: floor(ratio·L), but never fewer than the answer tokens."""
+    return min(tokens, max(int(ratio * tokens), answers))
+
+
+def keep_topk(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices [kv, n] of the n best-scored tokens per KV head, in context order."""
+    top = scores.topk(n, dim=-1).indices  # [kv, n], by descending score
+    return top.sort(dim=-1).values
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [kv, L, hd] at per-head token indices [kv, n] -> [kv, n, hd]"""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
