@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence as Seq
 
+from ..errors import BadInputError
 from ..memory import TaskMemory
 from ..models.base import ModelAdapter
 from .compressor import CompileOptions, Compressor, Progress
@@ -33,12 +34,15 @@ def compile_memory(
     """
     from ..models.loading import load_model
 
+    # Cheap checks first: a bad demos folder or memory file should not wait for the model to load.
+    if not isinstance(demos, list):
+        demos = load_demos(Path(demos), question=question)
     existing = TaskMemory.load(append) if append is not None else None
     adapter = model if isinstance(model, ModelAdapter) else load_model(model)
     if existing is not None:
         existing.check_model(adapter.fingerprint(), append)
-    if not isinstance(demos, list):
-        demos = load_demos(Path(demos), question=question, needs_images=None if adapter.has_vision else False)
+    if not adapter.has_vision and any(d.image is not None for d in demos):
+        raise BadInputError(f"{adapter.name} is a text-only model, but the demonstrations have images")
     base = _settings_of(existing) if existing is not None else CompileOptions()
     options = CompileOptions(
         delta=base.delta if delta is None else delta,

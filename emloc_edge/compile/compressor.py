@@ -50,12 +50,12 @@ class CompileOptions:
 
 
 class Progress(Protocol):
-    def chunk(self, index: int, total: int, demos: int) -> None: ...
+    def chunk(self, index: int, total: int, demos: int, layers: int) -> None: ...
     def layer(self) -> None: ...
 
 
 class _Silent:
-    def chunk(self, index: int, total: int, demos: int) -> None:
+    def chunk(self, index: int, total: int, demos: int, layers: int) -> None:
         pass
 
     def layer(self) -> None:
@@ -89,7 +89,7 @@ class Compressor:
         offset, tokens_before = memory.meta.position_offset, memory.meta.context_tokens
         policy = self.options.make_policy()
         for k, (chunk_seq, calib_seqs, _) in enumerate(rendered):
-            progress.chunk(k, len(chunks), len(chunks[k]))
+            progress.chunk(k, len(chunks), len(chunks[k]), self.adapter.geometry.num_layers)
             result = compress_chunk(
                 self.decoder, working,
                 self.adapter.embed([chunk_seq]), self.adapter.embed(calib_seqs),

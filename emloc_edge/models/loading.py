@@ -23,6 +23,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> ModelAda
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # our own progress output stays readable
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelLoadError(f"{path}: no such model folder or GGUF file")

@@ -1,0 +1,211 @@
+"""`emloc-edge`: thin click commands over the Python API.
+
+Bad input of any kind ends in one line on stderr and exit code 2 (set EMLOC_EDGE_DEBUG=1 for the
+traceback). Torch-using stages are imported inside the commands that need them, so `--help` and the
+torch-free commands start fast.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import EmlocError
+
+EXIT_BAD_INPUT = 2
+
+
+def _one_line(e: BaseException) -> str:
+    """The message the user sees for an exception that reached the top."""
+    if isinstance(e, EmlocError):
+        return str(e)
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.filename}: {e.strerror or e}"
+    return f"{type(e).__name__}: {e}"
+
+
+def handle_errors(fn):
+    """One top-level handler: user errors -> one line, exit 2; no traceback unless EMLOC_EDGE_DEBUG is set."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (EmlocError, OSError) as e:
+            if os.environ.get("EMLOC_EDGE_DEBUG"):
+                raise
+            click.echo(f"error: {_one_line(e)}".splitlines()[0], err=True)
+            sys.exit(EXIT_BAD_INPUT)
+
+    return wrapper
+
+
+def _ratios(ctx, param, value: str | None):
+    if value is None:
+        return None
+    try:
+        return tuple(float(r) for r in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers like 0.1,0.2,0.5, got {value!r}") from None
+
+
+def _emit(as_json: bool, data: dict, text: str) -> None:
+    click.echo(json.dumps(_finite(data), allow_nan=False, default=str) if as_json else text)
+
+
+def _finite(x):
+    """Strict JSON: infinite settings (delta = inf) become the strings "inf" / "-inf"."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="emloc-edge")
+def main() -> None:
+    """Training-free task adaptation of vision-language models at the edge.
+
+    \b
+    compile   demonstrations -> pruned, int8 EMLoC task memory (PyTorch)
+    inspect   show what a task memory file holds
+    """
+
+
+model_option = click.option(
+    "--model", "model", type=click.Path(path_type=Path), envvar="EMLOC_EDGE_MODEL", required=True,
+    help="Local HF model folder or .gguf file (env EMLOC_EDGE_MODEL).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+
+
+@main.command()
+@click.argument("demos_dir", type=click.Path(path_type=Path))
+@model_option
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Memory file to write [default: task.emloc, or the --append file].")
+@click.option("--delta", type=float, default=None, help="JS divergence tolerance in nats [default: 0.005].")
+@click.option("--ratios", callback=_ratios, default=None, help="Candidate keep ratios, smallest first [default: 0.1,0.2,0.5].")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=None, help="Demonstrations per chunk [default: 4].")
+@click.option("--precision", type=click.Choice(["int8", "fp16", "fp32"]), default=None,
+              help="How K/V are stored [default: int8].")
+@click.option("--append", type=click.Path(path_type=Path), default=None,
+              help="Compress the demos as further chunks of this memory (its chunks stay as they are).")
+@click.option("--question", default=None, help="Question for folder-per-answer demos (else DEMOS_DIR/task.json).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@json_option
+@handle_errors
+def compile(demos_dir, model, output, delta, ratios, chunk_size, precision, append, question, quiet, as_json) -> None:
+    """Compress the demonstrations in DEMOS_DIR into a task memory file.
+
+    DEMOS_DIR holds demos.jsonl ({"image", "question", "answer"} per line) or one folder per answer
+    with its images. Needs the [compile] extra (torch, transformers).
+    """
+    from .compile.api import compile_memory
+    from .memory import TaskMemory
+
+    output = output or append or Path("task.emloc")
+    started = time.perf_counter()
+    with _ProgressBar(disable=quiet or as_json) as bar:
+        memory: TaskMemory = compile_memory(
+            demos_dir, model, output=output, delta=delta, ratios=ratios, chunk_size=chunk_size,
+            precision=precision, append=append, question=question, progress=bar,
+        )
+    summary = memory.summary(file_bytes=output.stat().st_size)
+    summary.update(output=str(output), seconds=round(time.perf_counter() - started, 2))
+    _emit(as_json, summary, _compile_text(summary))
+
+
+@main.command()
+@click.argument("memory_file", type=click.Path(path_type=Path))
+@json_option
+@handle_errors
+def inspect(memory_file: Path, as_json: bool) -> None:
+    """Validate a task memory file and show what it holds."""
+    from .memory import TaskMemory
+
+    memory = TaskMemory.load(memory_file)
+    summary = memory.summary(file_bytes=memory_file.stat().st_size)
+    _emit(as_json, summary, _inspect_text(memory_file, summary))
+
+
+class _ProgressBar:
+    """tqdm over layer decisions (chunks × layers), labelled with the current chunk."""
+
+    def __init__(self, disable: bool) -> None:
+        self.disable = disable
+        self.bar = None
+
+    def __enter__(self) -> "_ProgressBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def chunk(self, index: int, total: int, demos: int, layers: int) -> None:
+        if self.disable:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total * layers, unit="layer", desc="compiling", file=sys.stderr, dynamic_ncols=True)
+        self.bar.set_description(f"chunk {index + 1}/{total} ({demos} demos)")
+
+    def layer(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+
+def _kept_line(s: dict) -> str:
+    kept = s["kept_tokens_per_layer"]
+    mean = sum(kept) / len(kept) if kept else 0.0
+    return f"{s['context_tokens']} context tokens -> {mean:.1f} kept per layer (mean; min {min(kept)}, max {max(kept)})"
+
+
+def _compile_text(s: dict) -> str:
+    return "\n".join([
+        f"compiled {s['demos']} demos in {s['chunks']} chunks with {s['model']}",
+        _kept_line(s),
+        f"compression {100 * s['compression']:.1f}% of the context, {s['precision']} "
+        f"-> {s['output']} ({_size(s['file_bytes'])}) in {s['seconds']:.1f} s",
+    ])
+
+
+def _inspect_text(path: Path, s: dict) -> str:
+    kept = s["kept_tokens_per_layer"]
+    rows = [
+        ("file", f"{path} ({_size(s['file_bytes'])}, format v{s['format_version']})"),
+        ("model", f"{s['model']} ({s.get('model_family', '?')}, {s['num_layers']} layers)"),
+        ("demos", f"{s['demos']} in {s['chunks']} chunks"),
+        ("context", _kept_line(s)),
+        ("compression", f"{100 * s['compression']:.1f}% of the context"),
+        ("kept per layer", " ".join(str(k) for k in kept)),
+        ("position offset", str(s["position_offset"])),
+        ("precision", s["precision"]),
+        ("settings", f"delta {s['delta']}, ratios {s['ratios']}, chunk size {s.get('chunk_size')}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+if __name__ == "__main__":
+    main()
