@@ -34,15 +34,12 @@ def compile_memory(
     """
     from ..models.loading import load_model
 
-    # Cheap checks first: a bad demos folder or memory file should not wait for the model to load.
-    if not isinstance(demos, list):
-        demos = load_demos(Path(demos), question=question)
+    # Cheap checks first: a bad demos folder, memory file, option or output path should not wait for
+    # the model to load (nor, for the output path, for the whole compile).
+    where = None if isinstance(demos, list) else Path(demos)  # named in errors about the demonstrations
+    if where is not None:
+        demos = load_demos(where, question=question)
     existing = TaskMemory.load(append) if append is not None else None
-    adapter = model if isinstance(model, ModelAdapter) else load_model(model)
-    if existing is not None:
-        existing.check_model(adapter.fingerprint(), append)
-    if not adapter.has_vision and any(d.image is not None for d in demos):
-        raise BadInputError(f"{adapter.name} is a text-only model, but the demonstrations have images")
     base = _settings_of(existing) if existing is not None else CompileOptions()
     options = CompileOptions(
         delta=base.delta if delta is None else delta,
@@ -51,10 +48,43 @@ def compile_memory(
         precision=base.precision if precision is None else precision,
         policy=base.policy,
     )
-    memory = Compressor(adapter, options).compile(demos, existing=existing, progress=progress)
+    if existing is not None:
+        _check_same_settings(base, options, append)
+    if output is not None:
+        _check_output(Path(output))
+    adapter = model if isinstance(model, ModelAdapter) else load_model(model)
+    if existing is not None:
+        existing.check_model(adapter.fingerprint(), append)
+    if not adapter.has_vision and any(d.image is not None for d in demos):
+        first = next(d.image for d in demos if d.image is not None)
+        raise BadInputError(f"{where or first}: {adapter.name} is a text-only model, but the demonstrations have images")
+    try:
+        memory = Compressor(adapter, options).compile(demos, existing=existing, progress=progress)
+    except BadInputError as e:  # e.g. more positions than the model has: name the demos folder
+        if where is None:
+            raise
+        raise BadInputError(f"{where}: {e}") from None
     if output is not None:
         memory.save(output)
     return memory
+
+
+def _check_same_settings(memory: CompileOptions, given: CompileOptions, path: str | Path) -> None:
+    """Appending keeps the memory's own settings; name the memory file and each option that differs."""
+    fields = (("--delta", "delta"), ("--ratios", "ratios"), ("--chunk-size", "chunk_size"), ("--precision", "precision"))
+    show = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else str(v)  # noqa: E731
+    diff = [f"{flag} {show(getattr(memory, f))} (given {show(getattr(given, f))})"
+            for flag, f in fields if getattr(memory, f) != getattr(given, f)]
+    if diff:
+        raise BadInputError(f"{path}: appending needs the memory's own settings: {', '.join(diff)}; "
+                            "leave these options out or give the memory's values")
+
+
+def _check_output(output: Path) -> None:
+    if output.is_dir():
+        raise BadInputError(f"{output}: is a folder; give a file name for the memory (-o FILE)")
+    if not output.parent.is_dir():
+        raise BadInputError(f"{output}: output folder {output.parent} does not exist")
 
 
 def _settings_of(memory: TaskMemory) -> CompileOptions:

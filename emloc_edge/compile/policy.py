@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
+from ..errors import BadInputError
+
 
 class ChunkSearch(Protocol):
     num_layers: int
@@ -70,5 +72,5 @@ POLICIES: dict[str, type] = {p.name: p for p in (GreedyTopDown, UniformRatio)}
 
 def validate_ratios(ratios: tuple[float, ...]) -> tuple[float, ...]:
     if not ratios or any(not (0.0 < r <= 1.0) or math.isnan(r) for r in ratios):
-        raise ValueError(f"keep ratios must be in (0, 1], got {list(ratios)}")
+        raise BadInputError(f"--ratios: keep ratios must be in (0, 1], got {list(ratios)}")
     return tuple(sorted(set(ratios)))

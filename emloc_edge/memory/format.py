@@ -1,0 +1,397 @@
+"""The task-memory file: the one contract between the compiler (torch) and the runtime (numpy only).
+
+A memory is built chunk by chunk: each chunk of demonstrations appends one *segment* of kept tokens to
+every layer, a different count per layer. Old segments are never touched, so appending a chunk leaves
+every earlier byte bit-identical (which is why int8 key scales are per channel *per segment*).
+
+On disk, a safetensors container: tensors `layers.{i}.{part}` for part in _PARTS (shapes: LayerMemory);
+header `__metadata__` = format, format_version, meta (JSON of MemoryMeta) and payload_sha256.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from emloc_edge.errors import MemoryFileError, ModelMismatchError
+from emloc_edge.memory import quantize
+from emloc_edge.memory.quantize import PRECISIONS, STORED_DTYPES
+
+FORMAT_NAME = "emloc-memory"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+_PARTS = ("key_t", "value", "token_index", "key_scale", "value_scale")  # tensor `layers.{i}.{part}`
+
+
+class _FieldError(ValueError):
+    """A meta field or tensor is wrong; load() prefixes the file path, add_chunk/empty raise it as is."""
+
+
+@dataclass
+class ChunkRecord:
+    """One compressed chunk of demonstrations."""
+    demos: int                          # demonstrations in the chunk
+    tokens: int                         # context tokens of the chunk before pruning (L_k)
+    kept_per_layer: list[int]           # tokens kept per layer, len = num_layers
+    ratio_per_layer: list[float]        # accepted keep ratio per layer (1.0 = kept all)
+    js_per_layer: list[float | None]    # JS when the ratio was accepted; None if it fell back to 1.0
+    final_js: float                     # JS of the whole chunk after every layer decided
+
+
+@dataclass
+class MemoryMeta:
+    model_name: str
+    model_family: str                   # adapter name, e.g. "qwen2_vl", "llama"
+    model_fingerprint: str              # hex sha256 of the model
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    precision: str                      # "int8" | "fp16" | "fp32"
+    position_offset: int                # position the query starts at (after the whole context)
+    position_dims: int                  # 3 for M-RoPE, 1 otherwise
+    context_tokens: int                 # original (unpruned) context length; the compiler sets it
+    hyperparameters: dict               # {"delta": float, "ratios": [...], "chunk_size": int, ...}
+    template: dict                      # template pieces the runtime needs to render a query
+    image_preprocessing: dict | None
+    chunks: list[ChunkRecord] = field(default_factory=list)
+    created_by: str = ""
+
+    @property
+    def demos(self) -> int:
+        return sum(c.demos for c in self.chunks)
+
+    @property
+    def kept_tokens_per_layer(self) -> list[int]:
+        return [sum(int(c.kept_per_layer[i]) for c in self.chunks) for i in range(self.num_layers)]
+
+    @property
+    def compression(self) -> float:
+        """Mean kept tokens per layer / original context tokens (1.0 = nothing pruned)."""
+        return float(np.mean(self.kept_tokens_per_layer)) / self.context_tokens if self.context_tokens else 1.0
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        # JSON has no inf/nan, but δ = ±inf is legal (prune to the smallest ratio / keep everything)
+        if "delta" in d["hyperparameters"]:
+            d["hyperparameters"]["delta"] = _float_out(d["hyperparameters"]["delta"])
+        d["chunks"] = [_chunk_json(c) for c in self.chunks]
+        return json.dumps(d, sort_keys=True, allow_nan=False, default=_numpy_scalar)
+
+
+@dataclass
+class LayerMemory:
+    """All segments of one layer, concatenated along the tokens."""
+    key_t: np.ndarray                   # [kv, hd, n]  int8 | float16 | float32, RoPE already applied
+    value: np.ndarray                   # [kv, n, hd]
+    token_index: np.ndarray             # [kv, n] int32: index of each kept token in the original context
+    key_scale: np.ndarray | None        # int8 only: [kv, hd, segments] float32
+    value_scale: np.ndarray | None      # int8 only: [kv, n, 1] float32
+    segment_lengths: tuple[int, ...]    # from meta.chunks[k].kept_per_layer[layer]; not stored
+
+    def expanded_key_scale(self) -> np.ndarray | None:
+        """int8 key scales repeated over each segment's tokens: [kv, hd, n] float32 (None if not int8)."""
+        if self.key_scale is None:
+            return None
+        return np.repeat(self.key_scale, self.segment_lengths, axis=2)  # [kv, hd, S] -> [kv, hd, n]
+
+    def dequantized(self) -> tuple[np.ndarray, np.ndarray]:
+        """(key_t float32 [kv, hd, n], value float32 [kv, n, hd]); equals quantize.roundtrip per segment."""
+        return quantize.decode(self.key_t, self.value, self.expanded_key_scale(), self.value_scale)
+
+
+@dataclass
+class TaskMemory:
+    meta: MemoryMeta
+    layers: list[LayerMemory]
+
+    @classmethod
+    def empty(cls, meta: MemoryMeta) -> TaskMemory:
+        """A memory with no chunks yet (every layer has n = 0). `meta.chunks` must be empty."""
+        _check_meta(json.loads(meta.to_json()))
+        if meta.chunks:
+            raise ValueError("TaskMemory.empty() needs meta.chunks == []; add chunks with add_chunk()")
+        zeros = {name: np.zeros(shape, dtype) for name, (dtype, shape) in _expected_tensors(meta).items()}
+        return cls(meta, _layers_from_tensors(meta, zeros))
+
+    def add_chunk(
+        self, keys: list[np.ndarray], values: list[np.ndarray], token_index: list[np.ndarray], record: ChunkRecord
+    ) -> None:
+        """Append one segment to every layer and `record` to meta.chunks.
+        keys[l], values[l]: [kv, n_l, hd] float32 (K not transposed); token_index[l]: [kv, n_l] ints;
+        n_l must equal record.kept_per_layer[l]. All layers are checked and encoded before any changes,
+        so a ValueError leaves the memory as it was.
+        """
+        m = self.meta
+        _check_chunk(checked := _chunk_json(record), "record", m.num_layers)
+        if not len(keys) == len(values) == len(token_index) == m.num_layers:
+            raise ValueError(f"add_chunk needs {m.num_layers} keys, values and token_index arrays, "
+                             f"got {len(keys)}, {len(values)}, {len(token_index)}")
+        new_layers = []
+        for i, (layer, k, v, idx) in enumerate(zip(self.layers, keys, values, token_index)):
+            n_l = int(record.kept_per_layer[i])
+            want = (m.num_kv_heads, n_l, m.head_dim)
+            if np.shape(k) != want or np.shape(v) != want or np.shape(idx) != want[:2]:
+                raise ValueError(f"layer {i}: keys {np.shape(k)}, values {np.shape(v)}, token_index "
+                                 f"{np.shape(idx)} do not match [kv, kept, hd] = {want}")
+            idx = np.asarray(idx)
+            if not np.issubdtype(idx.dtype, np.integer) or (idx.size and not 0 <= idx.min() <= idx.max() < 2**31):
+                raise ValueError(f"layer {i}: token_index must hold integers in [0, 2**31)")
+            key_t = np.asarray(k, dtype=np.float32).transpose(0, 2, 1)  # [kv, n_l, hd] -> [kv, hd, n_l]
+            ks, vs, kscale, vscale = quantize.encode(key_t, np.asarray(v, dtype=np.float32), m.precision)
+            new_layers.append(LayerMemory(
+                key_t=np.concatenate([layer.key_t, ks], axis=2),          # [kv, hd, n_old + n_l]
+                value=np.concatenate([layer.value, vs], axis=1),          # [kv, n_old + n_l, hd]
+                token_index=np.concatenate([layer.token_index, idx.astype(np.int32)], axis=1),  # [kv, n_old + n_l]
+                key_scale=None if kscale is None else np.concatenate([layer.key_scale, kscale], axis=2),
+                value_scale=None if vscale is None else np.concatenate([layer.value_scale, vscale], axis=1),
+                segment_lengths=layer.segment_lengths + (n_l,),
+            ))
+        self.layers = new_layers
+        m.chunks.append(_chunk_from_json(checked))  # a plain-Python copy: the caller may reuse `record`
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """The tensors exactly as the file stores them, by name."""
+        return {f"layers.{i}.{part}": np.ascontiguousarray(getattr(layer, part))
+                for i, layer in enumerate(self.layers) for part in _PARTS if getattr(layer, part) is not None}
+
+    def save(self, path: str | os.PathLike) -> int:
+        """Write atomically (temp file in the same folder, then os.replace); return the bytes written.
+        On any failure the temp file is removed and whatever was at `path` before stays untouched."""
+        path = os.fspath(path)
+        tensors, meta_json = self.tensors(), self.meta.to_json()
+        header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "meta": meta_json,
+                  "payload_sha256": payload_sha256(meta_json, tensors)}
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                                   prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        try:
+            os.close(fd)
+            save_file(tensors, tmp, metadata=header)
+            with open(tmp, "r+b") as f:  # on disk before the rename makes it visible
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600, but a memory is meant to be shared and read
+            size = os.path.getsize(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return size
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TaskMemory:
+        """Read and validate a memory file; every problem is a one-line MemoryFileError naming the file."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise MemoryFileError(f"{path}: no such memory file" if not os.path.exists(path) else
+                                  f"{path}: is a folder, not a memory file")
+        try:
+            with safe_open(path, framework="np") as f:
+                header = f.metadata() or {}
+                _check_header(header, path)  # before reading tensors: a wrong file may be huge
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except (SafetensorError, OSError, ValueError, TypeError) as e:  # MemoryFileError passes through
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise MemoryFileError(f"{path}: not a readable safetensors file ({reason}); "
+                                  "it is truncated or not an emloc-edge memory") from None
+        digest = payload_sha256(header["meta"], tensors)
+        if digest != header["payload_sha256"]:
+            raise MemoryFileError(f"{path}: checksum mismatch (payload sha256 {digest[:12]}..., header says "
+                                  f"{header['payload_sha256'][:12]}...); the file is corrupt")
+        try:  # the checksum matched, but the writer may still be buggy or another program
+            meta = _meta_from_json(header["meta"])
+            return cls(meta, _layers_from_tensors(meta, tensors))
+        except _FieldError as e:
+            raise MemoryFileError(f"{path}: {e}") from None
+
+    def summary(self, file_bytes: int | None = None) -> dict:
+        """JSON-able description (a non-finite delta is written as a string, as in the file)."""
+        m, hp = self.meta, self.meta.hyperparameters
+        return {
+            "format_version": FORMAT_VERSION, "model": m.model_name,
+            **{k: getattr(m, k) for k in ("model_family", "model_fingerprint", "num_layers", "num_kv_heads",
+                                          "head_dim", "context_tokens", "kept_tokens_per_layer", "compression",
+                                          "position_offset", "position_dims", "precision")},
+            "delta": _float_out(hp["delta"]), "ratios": list(hp["ratios"]), "chunk_size": hp["chunk_size"],
+            "chunks": len(m.chunks), "chunk_details": json.loads(m.to_json())["chunks"],
+            "demos": m.demos, "file_bytes": file_bytes,
+        }
+
+    def check_model(self, fingerprint: str, path: str | os.PathLike, model_name: str | None = None) -> None:
+        """Raise ModelMismatchError unless the memory was compiled for the model with this fingerprint."""
+        m = self.meta
+        if fingerprint != m.model_fingerprint:
+            given = f"{model_name} " if model_name else ""
+            raise ModelMismatchError(
+                f"{os.fspath(path)}: memory was compiled for {m.model_name} ({m.model_fingerprint[:12]}), "
+                f"not for the given model {given}({fingerprint[:12]}); recompile the memory for this model")
+
+
+def payload_sha256(meta_json: str, tensors: dict[str, np.ndarray]) -> str:
+    """sha256 over the meta JSON, then each tensor's name, dtype, shape and little-endian bytes, by name."""
+    h = hashlib.sha256(meta_json.encode("utf-8"))
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"\0{name}\0{t.dtype.name}\0{','.join(map(str, t.shape))}\0".encode())
+        h.update(np.ascontiguousarray(t, dtype=t.dtype.newbyteorder("<")).tobytes())
+    return h.hexdigest()
+
+
+# ---- validation: nothing from the header is trusted before it passes these ----
+
+_NUM, _INT, _STR = (int, float), (int,), (str,)
+_META_TYPES = {
+    "model_name": _STR, "model_family": _STR, "model_fingerprint": _STR, "num_layers": _INT,
+    "num_kv_heads": _INT, "head_dim": _INT, "precision": _STR, "position_offset": _INT,
+    "position_dims": _INT, "context_tokens": _INT, "hyperparameters": (dict,), "template": (dict,),
+    "image_preprocessing": (dict, type(None)), "chunks": (list,), "created_by": _STR,
+}
+_HYPER_TYPES = {"delta": _NUM + _STR, "ratios": (list,), "chunk_size": _INT}  # other keys are free
+_CHUNK_TYPES = {"demos": _INT, "tokens": _INT, "kept_per_layer": (list,), "ratio_per_layer": (list,),
+                "js_per_layer": (list,), "final_js": _NUM + _STR}
+_CHUNK_ITEM_TYPES = {"kept_per_layer": _INT, "ratio_per_layer": _NUM + _STR,
+                     "js_per_layer": _NUM + _STR + (type(None),)}
+
+
+def _check_header(header: dict, path: str) -> None:
+    if header.get("format") != FORMAT_NAME:
+        raise MemoryFileError(f"{path}: not an emloc-edge memory (header format is {header.get('format')!r}, "
+                              f"expected {FORMAT_NAME!r})")
+    version = header.get("format_version", "")
+    if not version.isdigit() or int(version) not in SUPPORTED_VERSIONS:
+        raise MemoryFileError(f"{path}: memory format version {version!r} is not supported (this emloc-edge reads "
+                              f"version {', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade or recompile the memory")
+    for key in ("meta", "payload_sha256"):
+        if key not in header:
+            raise MemoryFileError(f"{path}: header has no {key!r} entry; the file is corrupt")
+
+
+def _meta_from_json(text: str) -> MemoryMeta:
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _FieldError(f"meta is not valid JSON ({e})") from None
+    _check_meta(d)  # after this, every float string is one of "inf" / "-inf" / "nan"
+    d["hyperparameters"]["delta"] = float(d["hyperparameters"]["delta"])
+    return MemoryMeta(**{**d, "chunks": [_chunk_from_json(c) for c in d["chunks"]]})
+
+
+def _chunk_from_json(c: dict) -> ChunkRecord:
+    """Inverse of _chunk_json, for a dict that passed _check_chunk ("inf" strings become floats)."""
+    ratios, js = [float(r) for r in c["ratio_per_layer"]], [None if j is None else float(j) for j in c["js_per_layer"]]
+    return ChunkRecord(**{**c, "ratio_per_layer": ratios, "js_per_layer": js, "final_js": float(c["final_js"])})
+
+
+def _check_meta(d: object) -> None:
+    """Check the JSON form of MemoryMeta: every field present, of the right type and in range."""
+    _check_fields(d, _META_TYPES, "meta", exact=True)
+    for name, low in (("num_layers", 1), ("num_kv_heads", 1), ("head_dim", 1), ("position_dims", 1),
+                      ("position_offset", 0), ("context_tokens", 0)):
+        if d[name] < low:
+            raise _FieldError(f"meta.{name} must be >= {low}, got {d[name]}")
+    if d["precision"] not in PRECISIONS:
+        raise _FieldError(f"meta.precision must be one of {', '.join(PRECISIONS)}, got {d['precision']!r}")
+    hp = d["hyperparameters"]
+    _check_fields(hp, _HYPER_TYPES, "meta.hyperparameters", exact=False)
+    for r in hp["ratios"]:
+        _check_type(r, _NUM, "meta.hyperparameters.ratios[]")
+    _check_float_str(hp["delta"], "meta.hyperparameters.delta")
+    for k, c in enumerate(d["chunks"]):
+        _check_chunk(c, f"meta.chunks[{k}]", d["num_layers"])
+
+
+def _check_chunk(c: object, where: str, num_layers: int) -> None:
+    _check_fields(c, _CHUNK_TYPES, where, exact=True)
+    for name, item_types in _CHUNK_ITEM_TYPES.items():
+        if len(c[name]) != num_layers:
+            raise _FieldError(f"{where}.{name} has {len(c[name])} entries, expected num_layers = {num_layers}")
+        for x in c[name]:
+            _check_type(x, item_types, f"{where}.{name}[]")
+            _check_float_str(x, f"{where}.{name}[]")
+    _check_float_str(c["final_js"], f"{where}.final_js")
+    if c["demos"] < 0 or c["tokens"] < 0 or any(not 0 <= k <= c["tokens"] for k in c["kept_per_layer"]):
+        raise _FieldError(f"{where}: demos, tokens and kept_per_layer must be >= 0, and kept <= tokens")
+
+
+def _check_fields(d: object, types: dict[str, tuple], where: str, exact: bool) -> None:
+    if not isinstance(d, dict):
+        raise _FieldError(f"{where} must be a JSON object, got {type(d).__name__}")
+    for name, typ in types.items():
+        if name not in d:
+            raise _FieldError(f"{where} field {name!r} is missing")
+        _check_type(d[name], typ, f"{where}.{name}")
+    if exact and set(d) - set(types):
+        raise _FieldError(f"{where} has unexpected field(s) {', '.join(sorted(set(d) - set(types)))}")
+
+
+def _check_type(x: object, types: tuple, where: str) -> None:
+    if isinstance(x, bool) or not isinstance(x, types):  # JSON true/false is never a valid value here
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+        raise _FieldError(f"{where} must be {names}, got {type(x).__name__} {x!r:.40}")
+
+
+def _expected_tensors(meta: MemoryMeta) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Name -> (dtype, shape) of every tensor the file must hold, from the (already checked) meta."""
+    kv, hd, segs, dtype = meta.num_kv_heads, meta.head_dim, len(meta.chunks), STORED_DTYPES[meta.precision]
+    f32, out = np.dtype(np.float32), {}
+    for i, n in enumerate(meta.kept_tokens_per_layer):
+        out[f"layers.{i}.key_t"] = (dtype, (kv, hd, n))
+        out[f"layers.{i}.value"] = (dtype, (kv, n, hd))
+        out[f"layers.{i}.token_index"] = (np.dtype(np.int32), (kv, n))
+        if meta.precision == "int8":
+            out[f"layers.{i}.key_scale"] = (f32, (kv, hd, segs))
+            out[f"layers.{i}.value_scale"] = (f32, (kv, n, 1))
+    return out
+
+
+def _layers_from_tensors(meta: MemoryMeta, tensors: dict[str, np.ndarray]) -> list[LayerMemory]:
+    expected = _expected_tensors(meta)
+    for name, (dtype, shape) in expected.items():
+        t = tensors.get(name)
+        if t is None:
+            raise _FieldError(f"tensor {name!r} is missing")
+        if t.dtype != dtype:
+            raise _FieldError(f"tensor {name!r} has dtype {t.dtype}, expected {dtype} "
+                              f"for precision {meta.precision}")
+        if t.shape != shape:
+            raise _FieldError(f"tensor {name!r} has shape {list(t.shape)}, expected {list(shape)} "
+                              "from num_kv_heads, head_dim and the chunks' kept_per_layer")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise _FieldError(f"unexpected tensor(s) {', '.join(extra[:3])}")
+    return [LayerMemory(**{part: tensors.get(f"layers.{i}.{part}") for part in _PARTS},
+                        segment_lengths=tuple(int(c.kept_per_layer[i]) for c in meta.chunks))
+            for i in range(meta.num_layers)]
+
+
+def _chunk_json(c: ChunkRecord) -> dict:
+    """The JSON form of a ChunkRecord: plain Python numbers, non-finite floats as strings."""
+    d = json.loads(json.dumps(dataclasses.asdict(c), default=_numpy_scalar))  # numpy scalars -> Python
+    return {name: _float_out(x) for name, x in d.items()}
+
+
+def _numpy_scalar(x: object) -> object:
+    if isinstance(x, (np.generic, np.ndarray)):
+        return x.tolist()
+    raise TypeError(f"{type(x).__name__} is not JSON serializable")
+
+
+def _float_out(x: object) -> object:
+    """Non-finite floats (also inside lists) become "inf" / "-inf" / "nan", which JSON lacks; the rest passes."""
+    if isinstance(x, list):
+        return [_float_out(v) for v in x]
+    if isinstance(x, (float, np.floating)) and not np.isfinite(x):
+        return str(float(x))
+    return x
+
+
+def _check_float_str(x: object, where: str) -> None:
+    """Reject float strings other than the three that _float_out writes."""
+    if isinstance(x, str) and x not in ("inf", "-inf", "nan"):
+        raise _FieldError(f"{where} must be a number or 'inf' / '-inf' / 'nan', got {x!r:.40}")
