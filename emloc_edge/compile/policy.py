@@ -46,7 +46,8 @@ class GreedyTopDown:
 
     def decide(self, search: ChunkSearch) -> None:
         for layer in reversed(range(search.num_layers)):
-            for ratio in self.ratios:
+            # JS is never negative: with delta < 0 no candidate can pass, so none is measured.
+            for ratio in self.ratios if self.delta >= 0 else ():
                 js = search.try_keep(layer, search.keep_count(ratio))
                 if js <= self.delta:
                     search.settle(layer, search.keep_count(ratio), ratio, js)
