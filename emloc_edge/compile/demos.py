@@ -1,0 +1,352 @@
+"""Read a folder of demonstrations (image + question + answer, or text-only question + answer).
+
+Only the standard library and Pillow are imported here (no torch), so the demo folder can be checked
+before any model is loaded. Every problem is raised as :class:`~emloc_edge.errors.BadInputError` with a
+one-line message that names the file (and, for JSONL, the line number), e.g.::
+
+    demos/demos.jsonl:7: not valid JSON (Expecting ',' delimiter)
+
+Two folder layouts are accepted:
+
+(a) **JSONL** -- ``DEMOS_DIR/demos.jsonl``, one JSON object per line::
+
+        {"image": "imgs/cat1.jpg", "question": "What animal is this?", "answer": "cat"}
+        {"question": "Which bin does 'banana' go to?", "answer": "B3"}          # text-only
+
+    ``image`` is optional (absent or null = text-only demo) and is a path relative to ``DEMOS_DIR``
+    that must stay inside it. ``question`` may be omitted when a default question is given (the
+    ``question`` argument, else ``DEMOS_DIR/task.json``). Blank lines are skipped. Demos keep file order.
+
+(b) **ImageFolder** -- ``DEMOS_DIR/<answer>/<image file>``: the class folder name is the answer; the
+    question is the ``question`` argument, else ``{"question": ...}`` from ``DEMOS_DIR/task.json``.
+    Hidden files and folders (names starting with ``.``) are skipped; any other non-image file in a
+    class folder is an error. Order is deterministic and *interleaved*: classes are sorted by name,
+    images within a class are sorted by file name, and the demos are taken round-robin over the classes
+    (1st image of every class, then the 2nd of every class, ...). Any run of consecutive demos -- e.g.
+    one chunk of the task memory -- therefore covers several answers instead of a single class.
+
+If ``demos.jsonl`` exists, layout (a) is used and sub-folders are ignored (they typically hold images).
+
+Question precedence: an explicit ``question`` argument wins over ``task.json`` (which is only a default)
+for ImageFolder demos and for JSONL lines without a ``question``; a ``question`` written on a JSONL line
+is always used as is.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from emloc_edge.errors import BadInputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image as _PILImage
+
+__all__ = ["Demo", "load_demos", "open_image", "DEMOS_FILE", "TASK_FILE", "MAX_IMAGE_PIXELS", "IMAGE_EXTENSIONS"]
+
+DEMOS_FILE = "demos.jsonl"
+TASK_FILE = "task.json"
+#: Largest image (width * height) accepted; larger files are refused as possible decompression bombs.
+MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default warning threshold (~ 0.25 GiB at 3 bytes/pixel)
+#: File extensions recognised as images in the ImageFolder layout (any other non-hidden file is an error).
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"}
+)
+
+
+@dataclass(frozen=True)
+class Demo:
+    """One demonstration. ``image`` is an absolute path, already validated as a readable image."""
+
+    question: str
+    answer: str
+    image: Path | None = None
+
+
+# --------------------------------------------------------------------------------------------- images
+def _where(path: Path) -> str:
+    return str(path)
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def open_image(path: Path) -> "_PILImage.Image":
+    """Open ``path`` as a fully decoded RGB image with its EXIF orientation applied.
+
+    Raises :class:`BadInputError` (one line, naming the file) if the file is missing, not a regular file,
+    unreadable, not an image, truncated/corrupt, or larger than :data:`MAX_IMAGE_PIXELS` pixels
+    (decompression-bomb guard; Pillow's own warning/error is turned into this error).
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    where = _where(path)
+    if not path.exists():
+        raise BadInputError(f"{where}: image file not found")
+    if not path.is_file():
+        raise BadInputError(f"{where}: image path is not a file")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (DecompressionBombWarning) between MAX_IMAGE_PIXELS and 2x, errors above: make
+            # both an error here, and check our own limit explicitly from the header size.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w <= 0 or h <= 0:
+                    raise BadInputError(f"{where}: image has an empty size ({w}x{h})")
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise BadInputError(
+                        f"{where}: image too large ({w}x{h} = {w * h} pixels > {MAX_IMAGE_PIXELS}; "
+                        "possible decompression bomb)"
+                    )
+                im.load()  # decode fully now so truncation is detected here, not later
+                im = ImageOps.exif_transpose(im)
+                rgb = im.convert("RGB")
+                rgb.load()
+    except BadInputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadInputError(f"{where}: image too large (possible decompression bomb: {_one_line(e)})") from None
+    except UnidentifiedImageError:
+        raise BadInputError(f"{where}: not an image (Pillow cannot identify the format)") from None
+    except PermissionError:
+        raise BadInputError(f"{where}: image file is not readable (permission denied)") from None
+    except OSError as e:
+        # Pillow reports truncated / corrupt data as OSError ("image file is truncated", "broken data stream").
+        raise BadInputError(f"{where}: image is truncated or corrupt ({_one_line(e)})") from None
+    except (ValueError, SyntaxError, EOFError, struct.error) as e:  # malformed headers in some plugins
+        raise BadInputError(f"{where}: image is corrupt ({_one_line(e) or type(e).__name__})") from None
+    return rgb
+
+
+def _check_image(path: Path, shown: Path) -> None:
+    """Validate an image (fully decodes it once); errors name ``shown`` (the path as the user wrote it)."""
+    try:
+        open_image(path).close()
+    except BadInputError as e:
+        msg = str(e)
+        prefix = f"{path}: "
+        raise BadInputError(f"{shown}: {msg[len(prefix):]}" if msg.startswith(prefix) else msg) from None
+
+
+# ------------------------------------------------------------------------------------------ task.json
+def _read_task_question(shown_dir: Path, root: Path) -> str | None:
+    """The default question from ``task.json`` (None if the file is absent or has no "question")."""
+    task = root / TASK_FILE
+    if not task.exists():
+        return None
+    where = _where(shown_dir / TASK_FILE)
+    if not task.is_file():
+        raise BadInputError(f"{where}: not a file")
+    try:
+        text = task.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise BadInputError(f"{where}: not valid UTF-8 text") from None
+    except OSError as e:
+        raise BadInputError(f"{where}: cannot read ({_one_line(e.strerror or e)})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadInputError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise BadInputError(f"{where}: must be a JSON object like {{\"question\": \"...\"}}, got {_json_type(obj)}")
+    if "question" not in obj:
+        return None
+    q = obj["question"]
+    if not isinstance(q, str):
+        raise BadInputError(f"{where}: \"question\" must be a string, got {_json_type(q)}")
+    if not q.strip():
+        raise BadInputError(f"{where}: \"question\" is empty")
+    return q
+
+
+def _json_type(v: object) -> str:
+    if v is None:
+        return "null"
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}.get(
+        type(v), type(v).__name__
+    )
+
+
+# -------------------------------------------------------------------------------------------- layouts
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def _string_field(obj: dict, field: str, loc: str) -> str:
+    value = obj[field]
+    if not isinstance(value, str):
+        raise BadInputError(f"{loc}: field \"{field}\" must be a string, got {_json_type(value)}")
+    if not value.strip():
+        raise BadInputError(f"{loc}: field \"{field}\" is empty")
+    return value
+
+
+def _load_jsonl(shown_dir: Path, root: Path, default_question: str | None,
+                needs_images: bool | None) -> list[Demo]:
+    where = _where(shown_dir / DEMOS_FILE)
+    path = root / DEMOS_FILE
+    if not path.is_file():
+        raise BadInputError(f"{where}: not a file")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise BadInputError(f"{where}: cannot read ({_one_line(e.strerror or e)})") from None
+    demos: list[Demo] = []
+    # Split on \n only (not on the other characters str.splitlines treats as line breaks) so that line
+    # numbers match what editors and `sed -n Np` show.
+    for lineno, bline in enumerate(raw.split(b"\n"), start=1):
+        loc = f"{where}:{lineno}"
+        try:
+            line = bline.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadInputError(f"{loc}: not valid UTF-8 text") from None
+        if lineno == 1:
+            line = line.lstrip("\ufeff")  # tolerate a byte-order mark
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BadInputError(f"{loc}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise BadInputError(
+                f"{loc}: expected a JSON object like {{\"question\": ..., \"answer\": ...}}, got {_json_type(obj)}"
+            )
+
+        if "answer" not in obj:
+            raise BadInputError(f"{loc}: missing field \"answer\"")
+        answer = _string_field(obj, "answer", loc)
+
+        if "question" in obj:
+            question = _string_field(obj, "question", loc)
+        elif default_question is not None:
+            question = default_question
+        else:
+            raise BadInputError(
+                f"{loc}: missing field \"question\" (and no default question from --question or {TASK_FILE})"
+            )
+
+        image: Path | None = None
+        if obj.get("image") is not None:
+            rel = _string_field(obj, "image", loc)
+            if needs_images is False:
+                raise BadInputError(
+                    f"{loc}: this demo has an image, but the model is text-only and cannot use images "
+                    "(remove the \"image\" fields or use a vision-language model)"
+                )
+            if Path(rel).is_absolute():
+                raise BadInputError(f"{loc}: image path {rel!r} must be relative to the demos folder")
+            img = (root / rel).resolve()
+            if not _inside(img, root):
+                raise BadInputError(f"{loc}: image path {rel!r} points outside the demos folder")
+            if not img.exists():
+                raise BadInputError(f"{loc}: image {rel!r} not found ({shown_dir / rel})")
+            try:
+                _check_image(img, shown_dir / rel)
+            except BadInputError as e:
+                raise BadInputError(f"{loc}: {e}") from None
+            image = img
+        elif needs_images is True:
+            raise BadInputError(
+                f"{loc}: this demo has no \"image\", but the model is a vision-language model that needs "
+                "an image for every demo"
+            )
+        demos.append(Demo(question=question, answer=answer, image=image))
+    if not demos:
+        raise BadInputError(f"{where}: no demonstrations (the file is empty or has only blank lines)")
+    return demos
+
+
+def _is_hidden(p: Path) -> bool:
+    return p.name.startswith(".")
+
+
+def _load_imagefolder(shown_dir: Path, root: Path, class_dirs: list[str], question: str | None,
+                      needs_images: bool | None) -> list[Demo]:
+    if needs_images is False:
+        raise BadInputError(
+            f"{shown_dir}: this is an image folder ({DEMOS_FILE} absent, class sub-folders "
+            f"{', '.join(repr(c) for c in class_dirs[:3])}{', ...' if len(class_dirs) > 3 else ''}), but the "
+            "model is text-only and cannot use images"
+        )
+    if question is None:
+        raise BadInputError(
+            f"{shown_dir}: image-folder layout needs a question: pass --question or write "
+            f"{shown_dir / TASK_FILE} as {{\"question\": \"...\"}}"
+        )
+    per_class: list[list[Demo]] = []
+    for name in class_dirs:
+        shown_cls = shown_dir / name
+        if not name.strip():
+            raise BadInputError(f"{shown_cls}: class folder name (the answer) is blank")
+        items: list[Demo] = []
+        for entry in sorted(os.listdir(root / name)):
+            if entry.startswith("."):
+                continue
+            f, shown = root / name / entry, shown_cls / entry
+            if f.is_dir():
+                raise BadInputError(f"{shown}: unexpected sub-folder inside class folder {name!r} (expected image files)")
+            if Path(entry).suffix.lower() not in IMAGE_EXTENSIONS:
+                raise BadInputError(
+                    f"{shown}: not an image file (extension {Path(entry).suffix or '(none)'!r}; expected one of "
+                    f"{', '.join(sorted(IMAGE_EXTENSIONS))})"
+                )
+            img = f.resolve()
+            _check_image(img, shown)
+            items.append(Demo(question=question, answer=name, image=img))
+        if not items:
+            raise BadInputError(f"{shown_cls}: class folder {name!r} contains no images")
+        per_class.append(items)
+    # Round-robin interleave over the sorted classes (see module docstring).
+    demos: list[Demo] = []
+    for i in range(max(len(c) for c in per_class)):
+        demos.extend(c[i] for c in per_class if i < len(c))
+    return demos
+
+
+def load_demos(demos_dir: Path, question: str | None = None, needs_images: bool | None = None) -> list[Demo]:
+    """Load and validate the demonstrations in ``demos_dir`` (layout (a) or (b), see module docstring).
+
+    ``question``: default question (e.g. from ``--question``); it wins over ``task.json``.
+    ``needs_images``: ``True`` for a vision-language model (every demo must have an image), ``False`` for a
+    text-only model (no demo may have one), ``None`` to accept both.
+
+    Returns the demos in a deterministic order; image paths are absolute and every image has been opened
+    and fully decoded once. Raises :class:`BadInputError` with a one-line message naming the file.
+    """
+    if question is not None and (not isinstance(question, str) or not question.strip()):
+        raise BadInputError("--question: the question is empty")
+    shown_dir = Path(demos_dir)
+    if not shown_dir.exists():
+        raise BadInputError(f"{shown_dir}: demos folder not found")
+    if not shown_dir.is_dir():
+        raise BadInputError(f"{shown_dir}: not a directory (expected a demos folder)")
+    root = shown_dir.resolve()
+    try:
+        entries = sorted(os.listdir(root))
+    except OSError as e:
+        raise BadInputError(f"{shown_dir}: cannot list the demos folder ({_one_line(e.strerror or e)})") from None
+
+    # task.json is validated even when --question overrides it, so a broken file never goes unnoticed.
+    task_q = _read_task_question(shown_dir, root)
+    default_q = question if question is not None else task_q
+
+    if DEMOS_FILE in entries:
+        return _load_jsonl(shown_dir, root, default_q, needs_images)
+    class_dirs = [e for e in entries if not e.startswith(".") and (root / e).is_dir()]
+    if not class_dirs:
+        raise BadInputError(
+            f"{shown_dir}: no demonstrations: expected {DEMOS_FILE} or class sub-folders (<answer>/<image file>)"
+        )
+    return _load_imagefolder(shown_dir, root, class_dirs, default_q, needs_images)
