@@ -116,18 +116,11 @@ class Compressor:
                     f"{_settings(existing.meta.hyperparameters, existing.meta.precision)}"
                 )
             return copy.deepcopy(existing)  # the caller's memory stays as it was
-        text_prefix, text_suffix = a.chat.query_template(has_image=False)
-        template = {
-            "query_text": [text_prefix, text_suffix],
-            "query_image": list(a.chat.query_template(has_image=True)) if a.has_vision else None,
-            "end_of_turn": a.chat.end_of_turn,
-            "stop_token_ids": sorted({a.chat.end_of_turn_id, *_eos_ids(a.tokenizer)}),
-        }
         meta = MemoryMeta(
             model_name=a.name, model_family=a.family, model_fingerprint=a.fingerprint(),
             num_layers=g.num_layers, num_kv_heads=g.num_kv_heads, head_dim=g.head_dim,
             precision=self.options.precision, position_offset=0, position_dims=g.position_dims,
-            context_tokens=0, hyperparameters=self.options.hyperparameters(), template=template,
+            context_tokens=0, hyperparameters=self.options.hyperparameters(), template=a.template_pieces(),
             image_preprocessing=a.image_preprocessing(), chunks=[], created_by=f"emloc-edge {__version__}",
         )
         return TaskMemory.empty(meta)
@@ -161,13 +154,6 @@ class Compressor:
                 f"the demonstrations need {needed} positions but {self.adapter.name} has {limit}; "
                 "use fewer or shorter demonstrations"
             )
-
-
-def _eos_ids(tokenizer) -> set[int]:
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        return set()
-    return set(eos) if isinstance(eos, (list, tuple)) else {eos}
 
 
 def _settings(h: dict, precision: str) -> str:

@@ -129,6 +129,18 @@ class ModelAdapter(ABC):
             return rotary(hidden, position_ids[0])
         return rotary(hidden, position_ids)
 
+    def template_pieces(self) -> dict:
+        """What a runtime needs to render a query and stop: stored in memory files and model manifests."""
+        text_prefix, text_suffix = self.chat.query_template(has_image=False)
+        eos = self.tokenizer.eos_token_id
+        eos = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+        return {
+            "query_text": [text_prefix, text_suffix],
+            "query_image": list(self.chat.query_template(has_image=True)) if self.has_vision else None,
+            "end_of_turn": self.chat.end_of_turn,
+            "stop_token_ids": sorted({self.chat.end_of_turn_id, *eos}),
+        }
+
     def fingerprint(self) -> str:
         """sha256 over the decoder geometry, the tokenizer and a few weight tensors.
 
