@@ -1,6 +1,6 @@
 """Read a folder of demonstrations (image + question + answer, or text-only question + answer).
 
-Only the standard library and Pillow are imported here (no torch), so the demo folder can be checked
+Only the standard library, Pillow and numpy are imported here (no torch), so the demo folder can be checked
 before any model is loaded. Every problem is raised as :class:`~emloc_edge.errors.BadInputError` with a
 one-line message that names the file (and, for JSONL, the line number), e.g.::
 
@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import json
 import os
-import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from emloc_edge.errors import BadInputError
+from emloc_edge.runtime.image import MAX_IMAGE_PIXELS as _DEFAULT_MAX_PIXELS
+from emloc_edge.runtime.image import load_image
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as _PILImage
@@ -51,7 +51,7 @@ __all__ = ["Demo", "load_demos", "open_image", "DEMOS_FILE", "TASK_FILE", "MAX_I
 DEMOS_FILE = "demos.jsonl"
 TASK_FILE = "task.json"
 #: Largest image (width * height) accepted; larger files are refused as possible decompression bombs.
-MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default warning threshold (~ 0.25 GiB at 3 bytes/pixel)
+MAX_IMAGE_PIXELS = _DEFAULT_MAX_PIXELS  # Pillow's default warning threshold; tests lower it here
 #: File extensions recognised as images in the ImageFolder layout (any other non-hidden file is an error).
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"}
@@ -77,52 +77,15 @@ def _one_line(text: object) -> str:
 
 
 def open_image(path: Path) -> "_PILImage.Image":
-    """Open ``path`` as a fully decoded RGB image with its EXIF orientation applied.
+    """Open ``path`` as a fully decoded RGB image with its EXIF orientation applied (transparency
+    composited on white).
 
     Raises :class:`BadInputError` (one line, naming the file) if the file is missing, not a regular file,
     unreadable, not an image, truncated/corrupt, or larger than :data:`MAX_IMAGE_PIXELS` pixels
-    (decompression-bomb guard; Pillow's own warning/error is turned into this error).
+    (decompression-bomb guard). The runtime reads images through the same function
+    (:func:`emloc_edge.runtime.image.load_image`), so compile and query see identical pixels.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    path = Path(path)
-    where = _where(path)
-    if not path.exists():
-        raise BadInputError(f"{where}: image file not found")
-    if not path.is_file():
-        raise BadInputError(f"{where}: image path is not a file")
-    try:
-        with warnings.catch_warnings():
-            # Pillow warns (DecompressionBombWarning) between MAX_IMAGE_PIXELS and 2x, errors above: make
-            # both an error here, and check our own limit explicitly from the header size.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                w, h = im.size
-                if w <= 0 or h <= 0:
-                    raise BadInputError(f"{where}: image has an empty size ({w}x{h})")
-                if w * h > MAX_IMAGE_PIXELS:
-                    raise BadInputError(
-                        f"{where}: image too large ({w}x{h} = {w * h} pixels > {MAX_IMAGE_PIXELS}; "
-                        "possible decompression bomb)"
-                    )
-                im.load()  # decode fully now so truncation is detected here, not later
-                im = ImageOps.exif_transpose(im)
-                rgb = im.convert("RGB")
-                rgb.load()
-    except BadInputError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadInputError(f"{where}: image too large (possible decompression bomb: {_one_line(e)})") from None
-    except UnidentifiedImageError:
-        raise BadInputError(f"{where}: not an image (Pillow cannot identify the format)") from None
-    except PermissionError:
-        raise BadInputError(f"{where}: image file is not readable (permission denied)") from None
-    except OSError as e:
-        # Pillow reports truncated / corrupt data as OSError ("image file is truncated", "broken data stream").
-        raise BadInputError(f"{where}: image is truncated or corrupt ({_one_line(e)})") from None
-    except (ValueError, SyntaxError, EOFError, struct.error) as e:  # malformed headers in some plugins
-        raise BadInputError(f"{where}: image is corrupt ({_one_line(e) or type(e).__name__})") from None
-    return rgb
+    return load_image(path, max_pixels=MAX_IMAGE_PIXELS)  # this module's limit, read at call time
 
 
 def _check_image(path: Path, shown: Path) -> None:
