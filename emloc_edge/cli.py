@@ -79,6 +79,8 @@ def main() -> None:
     \b
     compile   demonstrations -> pruned, int8 EMLoC task memory (PyTorch)
     inspect   show what a task memory file holds
+    export    model -> ONNX graphs + manifest for the runtime (PyTorch)
+    run       answer queries with a task memory under ONNX Runtime (no torch)
     """
 
 
@@ -137,6 +139,73 @@ def inspect(memory_file: Path, as_json: bool) -> None:
     memory = TaskMemory.load(memory_file)
     summary = memory.summary(file_bytes=memory_file.stat().st_size)
     _emit(as_json, summary, _inspect_text(memory_file, summary))
+
+
+@main.command()
+@model_option
+@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Folder to write the exported model to (replaced atomically if it is an earlier export).")
+@click.option("--weights", type=click.Choice(["fp32", "int8", "int4"]), default="fp32", show_default=True,
+              help="Decoder weight precision (int8/int4: MatMulNBits, block 32, accuracy level 4).")
+@click.option("--no-validate", is_flag=True, help="Skip the ONNX-vs-PyTorch check of every decoder output.")
+@json_option
+@handle_errors
+def export(model: Path, out_dir: Path, weights: str, no_validate: bool, as_json: bool) -> None:
+    """Export the model as ONNX graphs (decoder step, vision encoder) with tokenizer and manifest.
+
+    One export serves any number of task memories compiled with the same model. Needs the
+    [compile] extra (torch, transformers).
+    """
+    from .export.api import export_model
+
+    started = time.perf_counter()
+    manifest = export_model(model, out_dir, weights=weights, validate=not no_validate)
+    size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
+    summary = {"output": str(out_dir), "model": manifest["model_name"], "weights": weights,
+               "graphs": sorted(manifest["graphs"]), "bytes": size,
+               "validation_max_abs_diff": manifest.get("validation_max_abs_diff"),
+               "seconds": round(time.perf_counter() - started, 1)}
+    _emit(as_json, summary, f"exported {summary['model']} ({weights} weights; {', '.join(summary['graphs'])}) "
+                            f"-> {out_dir} ({_size(size)}) in {summary['seconds']:.1f} s")
+
+
+@main.command()
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--memory", "memory_path", type=click.Path(path_type=Path), required=True, help="Task memory file (.emloc).")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), envvar="EMLOC_EDGE_MODEL_DIR", required=True,
+              help="Exported model folder (env EMLOC_EDGE_MODEL_DIR).")
+@click.option("--question", default=None, help="Question asked about each image.")
+@click.option("--prompt", "prompts", multiple=True, help="A text query (text-only models; repeatable).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="ONNX Runtime execution provider; auto takes CUDA when onnxruntime-gpu sees a GPU.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="Intra-op threads (0: ONNX Runtime decides).")
+@json_option
+@handle_errors
+def run(images, memory_path, model_dir, question, prompts, max_new_tokens, provider, threads, as_json) -> None:
+    """Answer IMAGES (or --prompt texts) with the task memory as context.
+
+    Plain output streams each answer as it is generated; --json prints one object per query:
+    {"image", "question", "answer", "token_ids", "ttft_ms", "tokens_per_s"}. All queries share one
+    loaded session.
+    """
+    from .runtime.session import EdgeSession
+
+    queries = [(image, question) for image in images] + [(None, p) for p in prompts]
+    if not queries:
+        raise click.UsageError("give one or more images, or --prompt TEXT")
+    session = EdgeSession(model_dir, memory_path, provider=provider, threads=threads, max_new_tokens=max_new_tokens)
+    for image, text in queries:
+        if as_json:
+            a = session.answer(image, text)
+            click.echo(json.dumps({"image": a.image, "question": text, "answer": a.text, "token_ids": a.token_ids,
+                                   "ttft_ms": round(a.ttft_ms, 2), "tokens_per_s": round(a.tokens_per_s, 2)}))
+            continue
+        if len(queries) > 1:
+            click.echo(f"{image if image is not None else text}: ", nl=False)
+        for piece in session.stream(image, text):
+            click.echo(piece, nl=False)
+        click.echo()
 
 
 class _ProgressBar:

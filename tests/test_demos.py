@@ -254,16 +254,19 @@ def test_jsonl_image_truncated(tmp_path):
     assert "t.jpg" in msg and ":1:" in msg
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root can read any file")
-def test_jsonl_image_unreadable(tmp_path):
+def test_jsonl_image_unreadable(tmp_path, monkeypatch):
+    """Permission denied on open (simulated: tests often run as root, who can read any file)."""
+    from PIL import Image
+
     d = tmp_path / "demos"
-    p = make_image(d / "locked.png")
-    p.chmod(0)
+    make_image(d / "locked.png")
     write_jsonl(d / "demos.jsonl", [{"image": "locked.png", "question": "q", "answer": "a"}])
-    try:
-        raises_one_line("not readable", load_demos, d)
-    finally:
-        p.chmod(0o644)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(d / "locked.png"))
+
+    monkeypatch.setattr(Image, "open", denied)
+    raises_one_line("not readable", load_demos, d)
 
 
 def test_jsonl_image_is_a_directory(tmp_path):
