@@ -1,0 +1,288 @@
+"""The decoder-step graph the runtime answers queries with: a fixed per-layer memory + a recent cache.
+
+One step feeds T new tokens (the query turn, then one generated token at a time). Each layer attends to
+its own memory (length n_i, differs per layer), the recent cache (the query and the tokens generated so
+far, length t, common to all layers) and the new tokens themselves (causal). The graph outputs the
+next-token logits and the new tokens' K/V, which the runtime appends to the recent cache.
+
+Memory attention of one layer (kv KV heads, G = H / kv query heads per group, batch 1):
+
+    q [H, T, hd] ── reshape ──► qg [kv, G*T, hd]  (G query heads of a KV group folded into rows)
+                                  │ × scaling  (q8: × mem_key_scale [kv, 1, hd], per-channel K scale)
+            ┌─────────────────────┼─────────────────────────────┐
+            ▼                     ▼                             ▼
+    @ mem_key_t [kv, hd, n]   @ rec_keyᵀ [kv, hd, t]      @ new_keyᵀ [kv, hd, T] + causal mask
+    (q8: Cast int8→f32)           │                             │
+            │ s_mem [kv,G*T,n]    │ s_rec [kv,G*T,t]            │ s_new [kv,G*T,T]
+            └──────────── Concat ─┴─ Softmax ─ Split ───────────┘
+            ▼                     ▼                             ▼
+    p_mem (q8: × mem_value_scale) p_rec                         p_new
+    @ mem_value [kv, n, hd]   + @ rec_value [kv, t, hd]   + @ new_value [kv, T, hd]  ──► [kv, G*T, hd]
+
+The memory is never transposed, repeated per head, concatenated or dequantized at run time (those
+copies cost ~60 ms a step at 2000 tokens, onnx-runtime-notes §6); int8 tensors are only Cast, their
+scales folded into q and p.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import BadInputError, EmlocError
+from ..models.base import ModelAdapter
+from ..models.decoder import rotate
+from . import weights as weight_files
+
+GRAPHS = {"decoder_step": False, "decoder_step_q8": True}  # graph name -> takes an int8 memory
+DATA_FILE = "decoder_weights.data"
+_EXAMPLE_T, _EXAMPLE_RECENT = 3, 2  # trace sizes >= 2 so no dim is specialised to 0/1 (notes §3)
+
+
+def memory_input_names(layer: int, quantized: bool) -> list[str]:
+    """Graph inputs of one layer, in the order DecoderStep.forward takes them."""
+    mem = [f"mem_key_t.{layer}", f"mem_value.{layer}"]
+    scales = [f"mem_key_scale.{layer}", f"mem_value_scale.{layer}"] if quantized else []
+    return mem + scales + [f"rec_key.{layer}", f"rec_value.{layer}"]
+
+
+def input_names(num_layers: int, quantized: bool) -> list[str]:
+    names = ["inputs_embeds", "position_ids"]
+    for i in range(num_layers):
+        names += memory_input_names(i, quantized)
+    return names
+
+
+def output_names(num_layers: int) -> list[str]:
+    return ["logits"] + [name for i in range(num_layers) for name in (f"new_key.{i}", f"new_value.{i}")]
+
+
+class DecoderStep(nn.Module):
+    """One decoding step over a per-layer memory and a recent cache (batch 1), reusing the HF weights.
+
+    forward(inputs_embeds [1, T, D] f32, position_ids [P, T] int64, *per_layer) with per_layer =
+    for each layer i the tensors named by `memory_input_names(i, quantized)`:
+        mem_key_t [kv, hd, n_i]  (f32, or int8 when quantized)   mem_value [kv, n_i, hd]
+        mem_key_scale [kv, hd, 1] f32, mem_value_scale [kv, n_i] f32   (quantized only)
+        rec_key [kv, t, hd] f32, rec_value [kv, t, hd] f32
+    returns (logits [1, V] of the last token, new_key.0, new_value.0, ...), each new K/V [kv, T, hd].
+    """
+
+    def __init__(self, adapter: ModelAdapter, quantized: bool = False) -> None:
+        super().__init__()
+        stack = adapter.text_stack()
+        self.adapter = adapter  # only for adapter.rotary(); its modules are registered below
+        self.layers, self.norm, self.lm_head, self.rotary_emb = stack.layers, stack.norm, stack.lm_head, stack.rotary_emb
+        self.geometry = adapter.geometry
+        self.quantized = quantized
+        self.per_layer = 6 if quantized else 4
+
+    def forward(self, inputs_embeds: Tensor, position_ids: Tensor, *per_layer: Tensor) -> tuple[Tensor, ...]:
+        g = self.geometry
+        h = inputs_embeds  # [1, T, D]
+        T = h.shape[1]
+        cos, sin = self.adapter.rotary(h, position_ids[:, None, :])  # [P, T] -> [P, 1, T]; cos, sin [1, T, hd]
+        causal = torch.ones(T, T, dtype=torch.bool).tril()  # [T, T] (query, key)
+        causal = causal[None].expand(g.group_size, T, T).reshape(g.group_size * T, T)  # [G*T, T], row g*T + t
+        outs = []
+        for i, layer in enumerate(self.layers):
+            tensors = per_layer[i * self.per_layer : (i + 1) * self.per_layer]
+            h, k, v = self._layer(layer, h, cos, sin, causal, *tensors)
+            outs += [k, v]
+        last = self.norm(h[:, -1:])  # [1, 1, D]; 3-D so lm_head exports as MatMul (quantizable)
+        logits = self.lm_head(last).reshape(1, -1)  # [1, 1, V] -> [1, V]
+        return (logits, *outs)
+
+    def _layer(self, layer: nn.Module, h: Tensor, cos: Tensor, sin: Tensor, causal: Tensor,
+               key_t: Tensor, value: Tensor, *rest: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One decoder layer: h [1, T, D] -> (h [1, T, D], new key, new value [kv, T, hd])."""
+        g = self.geometry
+        if self.quantized:
+            key_scale, value_scale, rec_key, rec_value = rest
+        else:
+            (rec_key, rec_value), key_scale, value_scale = rest, None, None
+        attn = layer.self_attn
+        T = h.shape[1]
+        x = layer.input_layernorm(h)
+        q = attn.q_proj(x).view(1, T, g.num_heads, g.head_dim).transpose(1, 2)  # [1, T, H*hd] -> [1, H, T, hd]
+        k = attn.k_proj(x).view(1, T, g.num_kv_heads, g.head_dim).transpose(1, 2)  # -> [1, kv, T, hd]
+        v = attn.v_proj(x).view(1, T, g.num_kv_heads, g.head_dim).transpose(1, 2)  # -> [1, kv, T, hd]
+        q, k = rotate(q, cos, sin)[0], rotate(k, cos, sin)[0]  # [H, T, hd], [kv, T, hd]
+        v = v[0]  # [kv, T, hd]
+        out = self._attend(q, k, v, key_t, value, key_scale, value_scale, rec_key, rec_value, attn.scaling, causal)
+        out = out.reshape(g.num_heads, T, g.head_dim).transpose(0, 1).reshape(1, T, -1)  # [kv, G*T, hd] -> [1, T, H*hd]
+        h = h + attn.o_proj(out)
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return h, k, v
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, key_t: Tensor, value: Tensor, key_scale: Tensor | None,
+                value_scale: Tensor | None, rec_key: Tensor, rec_value: Tensor, scaling: float, causal: Tensor) -> Tensor:
+        """q [H, T, hd]; k, v [kv, T, hd]; memory as in the module docstring -> [kv, G*T, hd]."""
+        g = self.geometry
+        T = q.shape[1]
+        qg = q.reshape(g.num_kv_heads, g.group_size * T, g.head_dim) * scaling  # [H, T, hd] -> [kv, G*T, hd]
+        q_mem = qg
+        if key_scale is not None:
+            q_mem = qg * key_scale.reshape(g.num_kv_heads, 1, g.head_dim)  # [kv, hd, 1] -> [kv, 1, hd]
+        s_mem = q_mem @ key_t.to(torch.float32)  # [kv, G*T, n]
+        s_rec = qg @ rec_key.transpose(1, 2)  # [kv, G*T, t]
+        s_new = (qg @ k.transpose(1, 2)).masked_fill(~causal, float("-inf"))  # [kv, G*T, T]
+        n, t = s_mem.shape[-1], s_rec.shape[-1]
+        p = torch.cat([s_mem, s_rec, s_new], dim=-1).softmax(-1)  # [kv, G*T, n + t + T]
+        p_mem, p_rec, p_new = p.split([n, t, T], dim=-1)
+        if value_scale is not None:
+            p_mem = p_mem * value_scale.reshape(g.num_kv_heads, 1, -1)  # [kv, n] -> [kv, 1, n]
+        return p_mem @ value.to(torch.float32) + p_rec @ rec_value + p_new @ v  # [kv, G*T, hd]
+
+
+# ---- example inputs ------------------------------------------------------------------------------------------
+
+
+def example_inputs(
+    geometry, quantized: bool, T: int, t: int, lengths: list[int], seed: int = 0, position: int = 100
+) -> dict[str, np.ndarray]:
+    """Random feeds by graph input name: a ragged memory (n_i = lengths[i]), recent length t, T new tokens."""
+    g, rng = geometry, np.random.default_rng(seed)
+    kv, hd = g.num_kv_heads, g.head_dim
+    f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    feeds = {
+        "inputs_embeds": f32(1, T, g.hidden_size),
+        "position_ids": np.tile(np.arange(position + t, position + t + T, dtype=np.int64), (g.position_dims, 1)),
+    }
+    for i, n in enumerate(lengths):
+        if quantized:
+            feeds[f"mem_key_t.{i}"] = rng.integers(-127, 128, (kv, hd, n), dtype=np.int8)
+            feeds[f"mem_value.{i}"] = rng.integers(-127, 128, (kv, n, hd), dtype=np.int8)
+            feeds[f"mem_key_scale.{i}"] = (rng.random((kv, hd, 1)) * 0.02 + 1e-3).astype(np.float32)
+            feeds[f"mem_value_scale.{i}"] = (rng.random((kv, n)) * 0.02 + 1e-3).astype(np.float32)
+        else:
+            feeds[f"mem_key_t.{i}"], feeds[f"mem_value.{i}"] = f32(kv, hd, n), f32(kv, n, hd)
+        feeds[f"rec_key.{i}"], feeds[f"rec_value.{i}"] = f32(kv, t, hd), f32(kv, t, hd)
+    return feeds
+
+
+def _example_lengths(num_layers: int) -> list[int]:
+    return [5 + 3 * i for i in range(num_layers)]  # distinct and >= 2 (notes §3)
+
+
+# ---- export --------------------------------------------------------------------------------------------------
+
+
+def _export_one(module: DecoderStep, path: Path, opset: int) -> None:
+    """torch.onnx.export (dynamo) of one variant to `path` (+ its own external data next to it)."""
+    from torch.export import Dim
+
+    g = module.geometry
+    names = input_names(g.num_layers, module.quantized)
+    feeds = example_inputs(g, module.quantized, _EXAMPLE_T, _EXAMPLE_RECENT, _example_lengths(g.num_layers))
+    args = tuple(torch.from_numpy(feeds[name]) for name in names)
+    T, t = Dim("T", min=1, max=1 << 16), Dim("t", min=0, max=1 << 20)
+    per_layer = []
+    for i in range(g.num_layers):
+        n = Dim(f"n_{i}", min=0, max=1 << 20)
+        mem = [{2: n}, {1: n}] + ([None, {1: n}] if module.quantized else [])  # key_t, value, key/value scale
+        per_layer += mem + [{1: t}, {1: t}]  # rec_key, rec_value
+    dynamic_shapes = ({1: T}, {1: T}, tuple(per_layer))  # *per_layer is ONE nested tuple (notes §3)
+    with torch.no_grad(), _quiet_exporter():
+        torch.onnx.export(
+            module, args, str(path), dynamo=True, opset_version=opset, external_data=True,
+            input_names=names, output_names=output_names(g.num_layers),
+            dynamic_shapes=dynamic_shapes, optimize=True, verify=False, report=False, verbose=False,
+        )
+
+
+@contextmanager
+def _quiet_exporter():
+    """Silence exporter noise that says nothing about our graph; other warnings still show."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            # one Dim shared by several inputs (T, t) is reported once per extra use
+            warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
+
+
+def export_decoder_step(adapter: ModelAdapter, out_dir: Path, weights: str = "fp32", opset: int = 18) -> dict:
+    """Write decoder_step.onnx, decoder_step_q8.onnx and their one shared decoder_weights.data into out_dir.
+
+    weights: fp32 (as exported) | int8 | int4 (MatMulNBits, block 32, accuracy level 4). Returns the
+    manifest section {"graphs": {name: {"file", "weights_file", "memory", "inputs", "outputs"}}, "weights",
+    "opset"}; "memory" is the dtype of the graph's mem_key_t / mem_value inputs (float32 | int8).
+    """
+    if weights not in weight_files.WEIGHT_FORMATS:
+        raise BadInputError(f"--weights must be one of {', '.join(weight_files.WEIGHT_FORMATS)}, got {weights!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    g = adapter.geometry
+    with tempfile.TemporaryDirectory(prefix="emloc-export-") as tmp:
+        staged = {}
+        for name, quantized in GRAPHS.items():
+            staged[name] = Path(tmp) / f"{name}.onnx"
+            _export_one(DecoderStep(adapter, quantized).eval(), staged[name], opset)
+        weight_files.save_shared(staged, out_dir, DATA_FILE, weights)
+    return {
+        "graphs": {
+            name: {
+                "file": f"{name}.onnx",
+                "weights_file": DATA_FILE,
+                "memory": "int8" if quantized else "float32",
+                "inputs": input_names(g.num_layers, quantized),
+                "outputs": output_names(g.num_layers),
+            }
+            for name, quantized in GRAPHS.items()
+        },
+        "weights": weights,
+        "opset": opset,
+    }
+
+
+# ---- validation ----------------------------------------------------------------------------------------------
+
+
+def validate_decoder_step(adapter: ModelAdapter, out_dir: Path, atol: float = 1e-4) -> dict[str, float]:
+    """Run both graphs under ONNX Runtime and DecoderStep in torch on a random ragged memory (T=3, t=2).
+
+    Returns max |Δ| per output ("decoder_step/logits", "decoder_step_q8/new_key.0", ...). With fp32
+    weights, raises EmlocError naming every output over `atol`; with quantized weights (MatMulNBits in
+    the graph) the differences are only reported, since they measure weight quantization, not export.
+    """
+    import onnxruntime as ort
+
+    g = adapter.geometry
+    lengths = [int(x) for x in 2 + 3 * np.random.default_rng(0).permutation(g.num_layers)]  # distinct n_i >= 2
+    deltas: dict[str, float] = {}
+    quantized_weights = False
+    for name, quantized in GRAPHS.items():
+        path = Path(out_dir) / f"{name}.onnx"
+        quantized_weights |= weight_files.has_quantized_weights(path)
+        feeds = example_inputs(g, quantized, T=3, t=2, lengths=lengths, seed=1)
+        module = DecoderStep(adapter, quantized).eval()
+        with torch.no_grad():
+            want = module(*(torch.from_numpy(feeds[n]) for n in input_names(g.num_layers, quantized)))
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(output_names(g.num_layers), feeds)
+        for out_name, w, o in zip(output_names(g.num_layers), want, got):
+            deltas[f"{name}/{out_name}"] = float(np.abs(w.numpy() - o).max())
+    bad = {k: d for k, d in deltas.items() if not d <= atol}
+    if bad and not quantized_weights:
+        listed = ", ".join(f"{k} {d:.2e}" for k, d in bad.items())
+        raise EmlocError(f"{out_dir}: ONNX decoder step differs from PyTorch beyond atol={atol:g}: {listed}; "
+                         "this is an export bug: please report it (export without validation to keep the graphs)")
+    return deltas
+
+
+__all__ = [
+    "DATA_FILE", "GRAPHS", "DecoderStep", "example_inputs", "export_decoder_step", "input_names",
+    "memory_input_names", "output_names", "validate_decoder_step",
+]

@@ -1,0 +1,49 @@
+"""Render a query exactly as the compiler would have: template pieces from the memory file, tokens
+from tokenizer.json, image tokens from the vision graph, (M-)RoPE positions after the memory."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BadInputError
+from .image import load_image, preprocess
+from .positions import mrope_positions, text_positions, vision_rotary_inputs
+
+
+@dataclass
+class QueryInputs:
+    embeds: np.ndarray  # [1, T, D] float32
+    positions: np.ndarray  # [P, T] int64, absolute (P = 3 for M-RoPE, else 1)
+
+
+def render_query(session, image: str | Path | None, question: str | None) -> QueryInputs:
+    meta = session.memory.meta
+    template = meta.template
+    if image is not None and template.get("query_image") is None:
+        raise BadInputError(f"{image}: {meta.model_name} is a text-only model; give --prompt instead of images")
+    if image is None and not question:
+        raise BadInputError("nothing to ask: give an image or a question")
+    prefix, suffix = template["query_image"] if image is not None else template["query_text"]
+    ids = session.tokenizer.encode(prefix + (question or "") + suffix, add_special_tokens=False).ids
+    ids = np.asarray(ids, dtype=np.int64)
+    if image is None:
+        embeds = np.asarray(session.embed_tokens[ids], dtype=np.float32)  # [T, D]
+        positions = text_positions(len(ids), meta.position_offset) if meta.position_dims == 1 else (
+            mrope_positions(ids, -1, [], 1, meta.position_offset))
+        return QueryInputs(embeds[None], positions)
+
+    settings = meta.image_preprocessing
+    image_token_id = session.tokenizer.token_to_id(settings["image_token"])
+    pixels, grid = preprocess(load_image(Path(image)), settings)
+    count = int(np.prod(grid)) // settings["merge_size"] ** 2
+    slot = int(np.flatnonzero(ids == image_token_id)[0])
+    ids = np.concatenate([ids[:slot], np.full(count, image_token_id, np.int64), ids[slot + 1 :]])  # one slot per image token
+    vision = session.folder.manifest["graphs"]["vision"]  # merge, patch and window sizes of the tower
+    extra = vision_rotary_inputs(grid, vision, meta.model_family)
+    features = session.vision.run(None, {"pixel_values": pixels, **extra})[0]  # [count, D]
+    embeds = np.asarray(session.embed_tokens[ids], dtype=np.float32)  # [T, D]
+    embeds[slot : slot + count] = features  # [count, D]
+    positions = mrope_positions(ids, image_token_id, [grid], settings["merge_size"], meta.position_offset)
+    return QueryInputs(embeds[None], positions)
