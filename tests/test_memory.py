@@ -397,3 +397,17 @@ def test_tensor_shape_dtype_missing_and_extra(saved, tmp_path):
     meta["chunks"][0]["kept_per_layer"] = [4, 10, 1]
     write_raw(tmp_path / "k.st", tensors, meta)
     assert "'layers.0.key_t' has shape [2, 8, 7], expected [2, 8, 6]" in load_error(tmp_path / "k.st")
+
+
+def test_with_precision_keeps_tokens_and_round_trips():
+    from emloc_edge.memory import with_precision
+
+    fp32 = build("fp32", [[4, 0, 7], [3, 5, 2]], seed=5)
+    q8 = with_precision(fp32, "int8")
+    assert q8.meta.precision == "int8" and q8.meta.kept_tokens_per_layer == fp32.meta.kept_tokens_per_layer
+    back = with_precision(q8, "fp32")
+    for a, b, c in zip(fp32.layers, q8.layers, back.layers):
+        assert np.array_equal(a.token_index, b.token_index)
+        key_q, value_q = b.dequantized()
+        assert np.array_equal(c.key_t, key_q) and np.array_equal(c.value, value_q)  # int8 -> fp32 is exact
+        assert np.abs(a.key_t - key_q).max() <= np.abs(a.key_t).max() / 127  # one quantization step at most

@@ -147,3 +147,22 @@ def test_run_needs_no_torch(exported, tmp_path):
     assert json.loads(done.stdout.splitlines()[0])["token_ids"]
     probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
     assert probe.returncode != 0, "the import blocker must be active in the subprocess"
+
+
+def test_cli_run_refuses_a_corrupt_memory_and_a_decompression_bomb(exported, monkeypatch):
+    family, adapter, demos, memory_path, model_dir, tmp = exported
+    corrupt = tmp / "corrupt.emloc"
+    data = bytearray(Path(memory_path).read_bytes())
+    data[-10] ^= 0xFF  # one payload byte
+    corrupt.write_bytes(bytes(data))
+    r = CliRunner().invoke(main, ["run", "--memory", str(corrupt), "--model", str(model_dir), "--prompt", "q"])
+    assert r.exit_code == 2 and "corrupt.emloc" in r.output and r.output.count("\n") == 1, r.output
+    if not adapter.has_vision:
+        return
+    import emloc_edge.runtime.image as runtime_image
+
+    monkeypatch.setattr(runtime_image, "MAX_IMAGE_PIXELS", 1000)  # the test image has 112*112 = 12544 pixels
+    image = _images(tmp / "bomb", 1, seed=11)[0]
+    r = CliRunner().invoke(main, ["run", str(image), "--memory", str(memory_path), "--model", str(model_dir)])
+    assert r.exit_code == 2 and image.name in r.output and r.output.count("\n") == 1, r.output
+    assert "Traceback" not in r.output

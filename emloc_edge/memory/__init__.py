@@ -9,6 +9,7 @@ from emloc_edge.memory.format import (
     TaskMemory,
     payload_sha256,
 )
+from emloc_edge.memory.convert import with_precision
 from emloc_edge.memory.quantize import (
     PRECISIONS,
     decode,
@@ -35,4 +36,5 @@ __all__ = [
     "encode",
     "decode",
     "roundtrip",
+    "with_precision",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Generator, Iterator
 
 import numpy as np
 import onnxruntime as ort
@@ -125,25 +125,43 @@ class EdgeSession:
     def _inputs(self, image, question) -> QueryInputs:
         return render_query(self, image, question)
 
+    def continuation_logits(self, image: str | Path | None, question: str | None, token_ids: list[int]) -> np.ndarray:
+        """Next-token logits after the query and after each of `token_ids` fed in turn: [len + 1, vocab]."""
+        decoder = self._decode(self._inputs(image, question))
+        rows = [next(decoder)]
+        rows += [decoder.send(token) for token in token_ids]
+        decoder.close()
+        return np.stack(rows)
+
     def _generate(self, query: QueryInputs, max_new_tokens: int | None) -> Iterator[int]:
         """Greedy decoding: prefill the query, then one token at a time until an end-of-turn token."""
         limit = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         if limit < 1:
             raise BadInputError(f"--max-new-tokens must be at least 1, got {limit}")
-        binding = self.decoder.io_binding()
+        decoder = self._decode(query)
+        logits = next(decoder)
+        for i in range(limit):
+            token = int(np.argmax(logits))
+            if token in self.stop_ids:
+                break
+            yield token
+            if i + 1 < limit:
+                logits = decoder.send(token)
+        decoder.close()
+
+    def _decode(self, query: QueryInputs) -> Generator[np.ndarray, int, None]:
+        """Coroutine over the decoder graph: yields next-token logits [vocab]; send() it the next token."""
+        binding = self.decoder.io_binding()  # per call: IOBinding is not shared between threads
         for name, value in self.bound_memory.items():
             binding.bind_ortvalue_input(name, value)
         empty = np.zeros((self.kv_heads, 0, self.head_dim), np.float32)
         recent = [(empty, empty)] * self.num_layers  # per layer ([kv, t, hd], [kv, t, hd])
         embeds, positions = query.embeds, query.positions
         next_position = int(positions.max()) + 1
-        for _ in range(limit):
+        while True:
             logits, new_kv = self._step(binding, embeds, positions, recent)
             recent = [(np.concatenate([k, nk], 1), np.concatenate([v, nv], 1)) for (k, v), (nk, nv) in zip(recent, new_kv)]
-            token = int(np.argmax(logits[0]))
-            if token in self.stop_ids:
-                return
-            yield token
+            token = yield logits[0]
             embeds = np.asarray(self.embed_tokens[[token]], dtype=np.float32)[None]  # [1, 1, D]
             positions = np.full((positions.shape[0], 1), next_position, dtype=np.int64)  # all M-RoPE axes alike
             next_position += 1
