@@ -163,7 +163,7 @@ def export(model: Path, out_dir: Path, weights: str, no_validate: bool, as_json:
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     summary = {"output": str(out_dir), "model": manifest["model_name"], "weights": weights,
                "graphs": sorted(manifest["graphs"]), "bytes": size,
-               "validation_max_abs_diff": manifest.get("validation_max_abs_diff"),
+               "validation_max_scaled_diff": max((manifest.get("validation_max_scaled_diff") or {}).values(), default=None),
                "seconds": round(time.perf_counter() - started, 1)}
     _emit(as_json, summary, f"exported {summary['model']} ({weights} weights; {', '.join(summary['graphs'])}) "
                             f"-> {out_dir} ({_size(size)}) in {summary['seconds']:.1f} s")

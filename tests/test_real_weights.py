@@ -106,11 +106,13 @@ def test_offsets_and_file_round_trip(smollm2, memories, tmp_path):
 @pytest.fixture(scope="module")
 def exports(smollm2, tmp_path_factory):
     """SmolLM2 exported with fp32, int8 and int4 (MatMulNBits) decoder weights."""
-    from emloc_edge.export.api import export_model
+    from emloc_edge.export.api import export_model, quantize_export
 
     root = tmp_path_factory.mktemp("smollm2_exports")
-    for weights in ("fp32", "int8", "int4"):
-        export_model(smollm2, root / weights, weights=weights, validate=weights == "fp32")
+    manifest = export_model(smollm2, root / "fp32", weights="fp32")  # validated against PyTorch
+    assert max(manifest["validation_max_scaled_diff"].values()) < 1e-3
+    for weights in ("int8", "int4"):
+        quantize_export(root / "fp32", root / weights, weights)
     return root
 
 

@@ -53,7 +53,33 @@ def export_model(
         np.save(build / manifest["embed_tokens"], np.ascontiguousarray(embed), allow_pickle=False)
         adapter.tokenizer.backend_tokenizer.save(str(build / manifest["tokenizer"]))
         if validate and weights == "fp32":
-            manifest["validation_max_abs_diff"] = validate_decoder_step(adapter, build)
+            manifest["validation_max_scaled_diff"] = validate_decoder_step(adapter, build)
+        (build / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _replace_dir(build, out_dir)
+    return manifest
+
+
+def quantize_export(source: str | Path, out_dir: str | Path, weights: str) -> dict:
+    """A copy of an fp32 export with int8/int4 (MatMulNBits) decoder weights, without tracing again."""
+    from ..runtime.model_folder import ModelFolder
+    from .decoder_step import DATA_FILE, GRAPHS
+    from .weights import save_shared
+
+    if weights not in WEIGHTS[1:]:
+        raise BadInputError(f"weights must be int8 or int4 to quantize an export, got {weights!r}")
+    folder = ModelFolder.open(source)
+    if folder.manifest["weights"] != "fp32":
+        raise BadInputError(f"{folder.path}: has {folder.manifest['weights']} weights; quantize an fp32 export")
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as tmp:
+        build = Path(tmp)
+        decoder_files = {f"{name}.onnx" for name in GRAPHS} | {DATA_FILE}
+        for f in folder.path.iterdir():
+            if f.is_file() and f.name not in decoder_files and f.name != MANIFEST:
+                shutil.copy2(f, build / f.name)
+        save_shared({name: folder.path / f"{name}.onnx" for name in GRAPHS}, build, DATA_FILE, weights)
+        manifest = {**folder.manifest, "weights": weights}
+        manifest.pop("validation_max_scaled_diff", None)
         (build / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _replace_dir(build, out_dir)
     return manifest

@@ -250,12 +250,15 @@ def export_decoder_step(adapter: ModelAdapter, out_dir: Path, weights: str = "fp
 # ---- validation ----------------------------------------------------------------------------------------------
 
 
-def validate_decoder_step(adapter: ModelAdapter, out_dir: Path, atol: float = 1e-4) -> dict[str, float]:
+def validate_decoder_step(adapter: ModelAdapter, out_dir: Path, atol: float = 1e-3) -> dict[str, float]:
     """Run both graphs under ONNX Runtime and DecoderStep in torch on a random ragged memory (T=3, t=2).
 
-    Returns max |Δ| per output ("decoder_step/logits", "decoder_step_q8/new_key.0", ...). With fp32
-    weights, raises EmlocError naming every output over `atol`; with quantized weights (MatMulNBits in
-    the graph) the differences are only reported, since they measure weight quantization, not export.
+    Returns per output ("decoder_step/logits", "decoder_step_q8/new_key.0", ...) the max |Δ| scaled by
+    the output's magnitude, max |Δ| / max(1, max |reference|): real weights fed random inputs give
+    deep-layer values and logits in the tens, where fp32 summation order alone moves the last digits.
+    With fp32 weights, raises EmlocError naming every output over `atol`; with quantized weights
+    (MatMulNBits in the graph) the differences are only reported, since they measure weight
+    quantization, not export.
     """
     import onnxruntime as ort
 
@@ -273,11 +276,12 @@ def validate_decoder_step(adapter: ModelAdapter, out_dir: Path, atol: float = 1e
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         got = session.run(output_names(g.num_layers), feeds)
         for out_name, w, o in zip(output_names(g.num_layers), want, got):
-            deltas[f"{name}/{out_name}"] = float(np.abs(w.numpy() - o).max())
+            ref = w.numpy()
+            deltas[f"{name}/{out_name}"] = float(np.abs(ref - o).max() / max(1.0, float(np.abs(ref).max())))
     bad = {k: d for k, d in deltas.items() if not d <= atol}
     if bad and not quantized_weights:
         listed = ", ".join(f"{k} {d:.2e}" for k, d in bad.items())
-        raise EmlocError(f"{out_dir}: ONNX decoder step differs from PyTorch beyond atol={atol:g}: {listed}; "
+        raise EmlocError(f"{out_dir}: ONNX decoder step differs from PyTorch beyond {atol:g} (relative to each output's scale): {listed}; "
                          "this is an export bug: please report it (export without validation to keep the graphs)")
     return deltas
 
