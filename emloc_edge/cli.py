@@ -180,9 +180,12 @@ def export(model: Path, out_dir: Path, weights: str, no_validate: bool, as_json:
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="ONNX Runtime execution provider; auto takes CUDA when onnxruntime-gpu sees a GPU.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="Intra-op threads (0: ONNX Runtime decides).")
+@click.option("--memory-inputs", type=click.Choice(["auto", "int8", "float"]), default="auto", show_default=True,
+              help="int8: memory stays int8 on the device (scales folded; re-rounds K of multi-chunk memories); "
+                   "float: dequantized once at load (exact); auto: int8 where exact.")
 @json_option
 @handle_errors
-def run(images, memory_path, model_dir, question, prompts, max_new_tokens, provider, threads, as_json) -> None:
+def run(images, memory_path, model_dir, question, prompts, max_new_tokens, provider, threads, memory_inputs, as_json) -> None:
     """Answer IMAGES (or --prompt texts) with the task memory as context.
 
     Plain output streams each answer as it is generated; --json prints one object per query:
@@ -194,7 +197,8 @@ def run(images, memory_path, model_dir, question, prompts, max_new_tokens, provi
     queries = [(image, question) for image in images] + [(None, p) for p in prompts]
     if not queries:
         raise click.UsageError("give one or more images, or --prompt TEXT")
-    session = EdgeSession(model_dir, memory_path, provider=provider, threads=threads, max_new_tokens=max_new_tokens)
+    session = EdgeSession(model_dir, memory_path, provider=provider, threads=threads, max_new_tokens=max_new_tokens,
+                          memory_inputs=memory_inputs)
     for image, text in queries:
         if as_json:
             a = session.answer(image, text)

@@ -166,3 +166,19 @@ def test_cli_run_refuses_a_corrupt_memory_and_a_decompression_bomb(exported, mon
     r = CliRunner().invoke(main, ["run", str(image), "--memory", str(memory_path), "--model", str(model_dir)])
     assert r.exit_code == 2 and image.name in r.output and r.output.count("\n") == 1, r.output
     assert "Traceback" not in r.output
+
+
+def test_int8_memory_inputs_are_used_where_exact(exported):
+    """auto: a one-chunk int8 memory runs on the int8 graph; a multi-chunk one is dequantized at load
+    (re-rounding its per-chunk K scales would change answers); both forced modes still answer."""
+    family, adapter, demos, memory_path, model_dir, tmp = exported
+    image, question = _query(adapter, tmp)
+    for size, expected in ((len(demos), "decoder_step_q8.onnx"), (2, "decoder_step.onnx")):
+        memory = Compressor(adapter, CompileOptions(delta=0.005, chunk_size=size, precision="int8")).compile(demos)
+        path = tmp / f"int8_{size}.emloc"
+        memory.save(path)
+        session = EdgeSession(model_dir, path, provider="cpu", max_new_tokens=3)
+        assert Path(session.decoder._model_path).name == expected
+        float_ids = EdgeSession(model_dir, path, memory_inputs="float", max_new_tokens=3).answer(image, question).token_ids
+        int8_ids = EdgeSession(model_dir, path, memory_inputs="int8", max_new_tokens=3).answer(image, question).token_ids
+        assert session.answer(image, question).token_ids == (int8_ids if size == len(demos) else float_ids)
