@@ -38,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,17 +47,11 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from emloc_edge import __version__  # noqa: E402
-from emloc_edge.compile.query import greedy_answer, memory_kv  # noqa: E402
-from emloc_edge.memory.format import ChunkRecord, MemoryMeta, TaskMemory  # noqa: E402
-from emloc_edge.models.decoder import LayerKV, RaggedDecoder  # noqa: E402
+from emloc_edge.memory.format import TaskMemory  # noqa: E402
 from emloc_edge.models.loading import load_model  # noqa: E402
-from emloc_edge.runtime.model_folder import MANIFEST  # noqa: E402
-from emloc_edge.runtime.memory_inputs import FLOAT, INT8, memory_feeds, variant_for  # noqa: E402
-from emloc_edge.runtime.session import EdgeSession  # noqa: E402
 
-from bench_paths import *  # noqa: F401,F403,E402
-from bench_setups import *  # noqa: F401,F403,E402
+from bench_paths import OrtPath, Path_, TorchFullPath, TorchMemoryPath, log, timed  # noqa: E402
+from bench_setups import QWEN2_05B, build_random_qwen2, export_cached, greedy_check, logit_diffs, synthetic_memory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ("fp32", "int8", "int4")
@@ -67,16 +60,6 @@ TARGETS = {  # name -> (numerator path, denominator path, target: ratio <= targe
     "ort_int8_over_torch_same_memory": ("ort-int8", "torch-memory", 0.7),
     "ort_int8_over_torch_full_context": ("ort-int8", "torch-full", 0.4),
 }
-QWEN2_05B = dict(  # Qwen2-0.5B geometry
-    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-    num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True,
-)
-CHATML = (
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 def measure(paths: list[Path_], query: list[int], args) -> None:
