@@ -13,7 +13,7 @@ from emloc_edge.compile.compressor import CompileOptions, Compressor
 from emloc_edge.compile.demos import Demo
 from emloc_edge.compile.divergence import js_divergence
 from emloc_edge.compile.query import memory_kv, query_logits
-from emloc_edge.models.decoder import LayerKV, RaggedDecoder, Scoring
+from emloc_edge.models.decoder import LayerKV, RaggedDecoder
 from emloc_edge.models.loading import load_model
 
 WORDS = "red green blue small large round square metal wooden plastic heavy light old new".split()

@@ -2,7 +2,6 @@
 sizes other than the one traced at export."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import onnx
