@@ -1,7 +1,6 @@
 """Llama / Qwen2-style text-only decoders (LlamaForCausalLM, Qwen2ForCausalLM, SmolLM2 from GGUF)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 

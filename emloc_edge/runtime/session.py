@@ -88,6 +88,7 @@ class EdgeSession:
         g = self.folder.geometry
         self.num_layers, self.kv_heads, self.head_dim = g["num_layers"], g["num_kv_heads"], g["head_dim"]
         self.stop_ids = set(self.memory.meta.template["stop_token_ids"])
+        self.output_names = ["logits"] + [f"new_{kind}.{i}" for i in range(self.num_layers) for kind in ("key", "value")]
 
     def _memory_variant(self) -> str:
         """The int8 graph needs one K scale per channel per layer; a memory of several chunks has one per
@@ -186,9 +187,8 @@ class EdgeSession:
         for i, (k, v) in enumerate(recent):
             binding.bind_cpu_input(f"rec_key.{i}", np.ascontiguousarray(k))
             binding.bind_cpu_input(f"rec_value.{i}", np.ascontiguousarray(v))
-        binding.clear_binding_outputs()
-        names = ["logits"] + [f"new_{kind}.{i}" for i in range(self.num_layers) for kind in ("key", "value")]
-        for name in names:
+        binding.clear_binding_outputs()  # copy_outputs_to_cpu returns them in binding order
+        for name in self.output_names:
             binding.bind_output(name, "cpu")
         self.decoder.run_with_iobinding(binding)
         out = binding.copy_outputs_to_cpu()
