@@ -77,6 +77,9 @@ class Compressor:
         if not demos:
             raise BadInputError("no demonstrations to compile")
         memory = self._start(existing)
+        questions = {d.question for d in demos}
+        if existing is None and len(questions) == 1:  # what `run IMAGE` asks when no question is given
+            memory.meta.template["default_question"] = questions.pop()
         chunks = [demos[i : i + self.options.chunk_size] for i in range(0, len(demos), self.options.chunk_size)]
         first = existing is None
         rendered = [self._render_chunk(c, with_system=first and k == 0) for k, c in enumerate(chunks)]

@@ -15,7 +15,7 @@ from .base import ModelAdapter  # noqa: E402
 from .registry import adapter_for  # noqa: E402
 
 # Importing the family modules registers their adapters.
-from . import qwen2_vl, text_lm  # noqa: E402,F401
+from . import qwen2_vl, text_lm, tiny_vlm  # noqa: E402,F401
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> ModelAdapter:
@@ -32,6 +32,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> ModelAda
         raise ModelLoadError(f"{path}: not a model folder (no config.json) and not a .gguf file")
     folder, kwargs = (path.parent, {"gguf_file": path.name}) if gguf else (path, {})
     try:
+        own = None if gguf else _own_loader(path)
+        if own is not None:  # a composed model that is not one HF class loads its own parts
+            return own.from_folder(path, dtype)
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, **kwargs)
         cls = adapter_for(config.model_type)
         auto = transformers.AutoModelForImageTextToText if cls.has_vision else transformers.AutoModelForCausalLM
@@ -43,3 +46,20 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> ModelAda
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"{path}: cannot load the model ({reason})") from None
     return cls(model, tokenizer, path, name=path.stem if gguf else path.name)
+
+
+def _own_loader(folder: Path) -> type[ModelAdapter] | None:
+    """The adapter class when `config.json` names a family that loads its own folder layout."""
+    import json
+
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelLoadError(f"{folder / 'config.json'}: unreadable ({e})") from None
+    if not isinstance(model_type, str):
+        return None
+    try:
+        cls = adapter_for(model_type)
+    except ModelLoadError:
+        return None  # let transformers name what it does not know
+    return cls if hasattr(cls, "from_folder") else None

@@ -25,7 +25,7 @@ from emloc_edge.errors import BadInputError
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as _PILImage
 
-__all__ = ["MAX_IMAGE_PIXELS", "load_image", "to_rgb", "smart_resize", "preprocess"]
+__all__ = ["MAX_IMAGE_PIXELS", "load_image", "to_rgb", "smart_resize", "preprocess", "preprocess_square"]
 
 #: Largest image (width * height) accepted; larger files are refused as possible decompression bombs.
 MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default warning threshold (~ 0.25 GiB at 3 bytes/pixel)
@@ -175,3 +175,22 @@ def preprocess(image: "_PILImage.Image | str | Path", settings: dict[str, Any]) 
     pixels = np.ascontiguousarray(_patchify(x, patch, merge, temporal), dtype=np.float32)
     grid = np.array([1, new_h // patch, new_w // patch], dtype=np.int64)
     return pixels, grid
+
+
+def preprocess_square(image: "_PILImage.Image | str | Path", settings: dict[str, Any]) -> np.ndarray:
+    """Pixels [3, S, S] float32 for fixed-resolution encoders (the default tiny VLM): RGB, resized to
+    S x S (aspect ratio not kept), scaled to [0, 1], normalised with ``image_mean`` / ``image_std``.
+
+    ``settings``: ``image_size``, ``image_mean``, ``image_std``, ``resample`` (a PIL resampling id).
+    The compiler and the runtime both call this, so pixels are identical on both sides.
+    """
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        image = load_image(image)
+    size = int(settings["image_size"])
+    resized = to_rgb(image).resize((size, size), resample=Image.Resampling(int(settings["resample"])))
+    x = np.asarray(resized, dtype=np.float32) / np.float32(255.0)  # [S, S, 3]
+    mean = np.asarray(settings["image_mean"], dtype=np.float32)
+    std = np.asarray(settings["image_std"], dtype=np.float32)
+    return np.ascontiguousarray(((x - mean) / std).transpose(2, 0, 1))  # [3, S, S]
