@@ -7,6 +7,8 @@ Fixtures
 - ``qwen2_vl_dir``, ``qwen2_5_vl_dir``, ``llama_dir``: default builds of each family.
 - ``vl_family_dir`` / ``all_family_dir``: parametrized over the VL families / all families;
   each yields a ``TinyModel(family, path)``.
+- ``tiny_vlm_dir``: factory ``(**kwargs) -> Path`` of ``tiny_models.build_tiny_vlm`` folders (the default
+  model's family, random weights), cached per kwargs, e.g. ``tiny_vlm_dir(image_tokens=4)``.
 - ``make_images``: the ``tiny_models.make_images(dir, n, seed)`` function (PNG paths).
 """
 
@@ -47,6 +49,7 @@ from tiny_models import (  # noqa: E402
     VL_FAMILIES,
     TinyModel,
     build_tiny_model,
+    build_tiny_vlm,
     make_images as _make_images,
 )
 
@@ -62,6 +65,20 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pa
             n = len(cache)
             out = tmp_path_factory.mktemp(f"tiny_{family}_{n}", numbered=True)
             cache[key] = build_tiny_model(family, out, **overrides)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Factory building (once per session and per distinct kwargs) a tiny random emloc_tiny_vlm folder."""
+    cache: dict[tuple[tuple[str, Any], ...], Path] = {}
+
+    def get(**kwargs: Any) -> Path:
+        key = tuple(sorted(kwargs.items()))
+        if key not in cache:
+            cache[key] = build_tiny_vlm(tmp_path_factory.mktemp(f"tiny_vlm_{len(cache)}", numbered=True), **kwargs)
         return cache[key]
 
     return get

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from emloc_edge.export.vision import VISION_FILE, export_vision, graph_inputs
+from emloc_edge.export.vision import VISION_FILE, export_vision
+from emloc_edge.export.vision_qwen2_vl import graph_inputs
 from emloc_edge.models.loading import load_model
 from emloc_edge.runtime.image import preprocess
 
@@ -58,7 +59,7 @@ def test_manifest_matches_graph(exported):
     model = onnx.load(str(out / VISION_FILE))
     assert next(op.version for op in model.opset_import if op.domain in ("", "ai.onnx")) == 18
     assert all(node.domain in ("", "ai.onnx") for node in model.graph.node)  # plain ONNX ops only
-    assert "data" not in section  # tiny weights stay inside the .onnx file
+    assert "external_data" not in section  # tiny weights stay inside the .onnx file
 
 
 def test_window_mask_matters(exported):

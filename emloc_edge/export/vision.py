@@ -1,175 +1,73 @@
-"""Export a Qwen2-VL / Qwen2.5-VL vision tower to ONNX: one image's pixel patches -> its LLM-token features.
+"""The vision graph of a vision-language model, one exporter per family behind one narrow interface::
 
-HF's vision forward derives rotary positions, window order and attention segments from `grid_thw` with
-Python loops (`.tolist()`, `torch.split` over `cu_seqlens`), which trace to constants. `VisionEncoder`
-reuses the HF block weights but takes those grid-dependent tensors as graph inputs, computed in numpy
-by `runtime.positions.vision_rotary_inputs`, so one graph serves every image size::
+    exporter(adapter, path, opset) -> fields     writes the graph to `path`; returns what the runtime needs of it:
+                                                 "inputs", "outputs" ({"name", "dtype", "shape"}) and settings
 
-    pixel_values [N, C*T*P*P]      patch_pos_ids [N, 2]
-          | MatMul (Conv3d weight)        | x inv_freq -> cos, sin [N, hd]
-          v                               v
-        x [N, E] --(Qwen2.5: gather merge units by window_index)--+
-          |                                                         |
-    blocks: x += proj(softmax(q k^T / sqrt(hd) [+ window mask]) v); x += mlp(x)
-          |          window mask = window_ids[:, None] == window_ids[None, :] (windowed blocks only)
-          v
-    merger -> [N/m², D] --(Qwen2.5: gather by window_reverse)--> image_features [N/m², D]
+    family                 exporter              vision.onnx
+    qwen2_vl, qwen2_5_vl   vision_qwen2_vl.py    patches [N, C*T*P*P] + grid inputs -> image_features [N/m², D]
+    tiny_vlm               vision_tiny_vlm.py    pixel_values [N, 3, S, S]         -> image_features [N, T, D]
+
+`export_vision` picks the exporter by `adapter.family` and adds the fields every family shares. The runtime
+side is chosen by the memory's `image_preprocessing["processor"]` (`runtime/image_inputs.py`).
 """
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
-
-from ..runtime.positions import VISION_LAYOUTS, vision_rotary_inputs
 
 VISION_FILE = "vision.onnx"
 OUTPUT_NAME = "image_features"
 #: Above this many weight bytes the graph stores its weights in `vision.onnx.data` (protobuf caps at 2 GiB).
 EXTERNAL_DATA_BYTES = 1 << 30
-#: Example grid used to trace: not square and several windows wide, so no size is specialised away.
-_EXAMPLE_GRID = (1, 8, 12)
+
+Exporter = Callable[[Any, Path, int], dict[str, Any]]
+_EXPORTERS: dict[str, Exporter] = {}
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+def register_vision(*families: str) -> Callable[[Exporter], Exporter]:
+    """Decorator: `exporter` writes the vision graph of these model families."""
+    def add(exporter: Exporter) -> Exporter:
+        _EXPORTERS.update(dict.fromkeys(families, exporter))
+        return exporter
+
+    return add
 
 
-class VisionEncoder(nn.Module):
-    """The HF vision tower (`model.model.visual`) with grid-dependent tensors as explicit inputs."""
-
-    def __init__(self, visual: nn.Module, windowed: bool) -> None:
-        super().__init__()
-        self.blocks = visual.blocks
-        self.merger = visual.merger
-        self.windowed = windowed
-        self.merge_unit = visual.spatial_merge_size ** 2
-        # Windowed towers attend over the whole image only in these blocks (Qwen2.5-VL); others always do.
-        self.full_blocks = set(visual.fullatt_block_indexes) if windowed else set(range(len(visual.blocks)))
-        # The Conv3d has stride == kernel, so on flattened patch rows it is one matmul with its weight.
-        conv = visual.patch_embed.proj
-        self.register_buffer("patch_weight", conv.weight.detach().reshape(conv.out_channels, -1).t(), persistent=False)
-        rotary = visual.rotary_pos_emb
-        self.register_buffer("inv_freq", rotary.inv_freq.detach().float(), persistent=False)
-        self.rope_scale = float(rotary.attention_scaling)
-
-    def _attend(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                same_window: torch.Tensor | None) -> torch.Tensor:
-        n = x.shape[0]
-        qkv = attn.qkv(x).reshape(n, 3, attn.num_heads, attn.head_dim)  # [N, 3, H, hd]
-        q, k, v = qkv.permute(1, 2, 0, 3).unbind(0)  # each [H, N, hd]
-        q = q * cos + _rotate_half(q) * sin  # cos, sin [N, hd] broadcast over heads
-        k = k * cos + _rotate_half(k) * sin
-        scores = (q @ k.transpose(1, 2)) * attn.scaling  # [H, N, N]
-        if same_window is not None:
-            scores = scores.masked_fill(~same_window, float("-inf"))  # every row keeps its own window
-        out = torch.softmax(scores, dim=-1) @ v  # [H, N, hd]
-        return attn.proj(out.transpose(0, 1).reshape(n, -1))  # [N, H*hd]
-
-    def forward(self, pixel_values: torch.Tensor, patch_pos_ids: torch.Tensor,
-                window_index: torch.Tensor | None = None, window_reverse: torch.Tensor | None = None,
-                window_ids: torch.Tensor | None = None) -> torch.Tensor:
-        n = pixel_values.shape[0]
-        x = pixel_values.to(self.patch_weight.dtype) @ self.patch_weight  # [N, E]
-        freqs = patch_pos_ids.float()[..., None] * self.inv_freq  # [N, 2, hd/4]: row, col angles
-        freqs = freqs.reshape(n, -1)  # [N, hd/2] = cat(row angles, col angles)
-        emb = torch.cat([freqs, freqs], dim=-1)  # [N, hd]
-        cos, sin = emb.cos() * self.rope_scale, emb.sin() * self.rope_scale
-        same_window = None
-        if self.windowed:
-            # Reorder whole merge units (m² consecutive patch rows) into window order.
-            def to_windows(t: torch.Tensor) -> torch.Tensor:
-                return t.reshape(-1, self.merge_unit, t.shape[-1])[window_index].reshape(n, -1)  # [N, .]
-
-            x, cos, sin = to_windows(x), to_windows(cos), to_windows(sin)
-            same_window = window_ids[:, None] == window_ids[None, :]  # [N, N]
-        for i, block in enumerate(self.blocks):
-            mask = None if i in self.full_blocks else same_window
-            x = x + self._attend(block.attn, block.norm1(x), cos, sin, mask)
-            x = x + block.mlp(block.norm2(x))
-        features = self.merger(x)  # [N/m², D]
-        return features[window_reverse] if self.windowed else features
-
-
-def _input_specs(windowed: bool, patch_dim: int) -> list[dict[str, Any]]:
-    specs = [
-        {"name": "pixel_values", "dtype": "float32", "shape": ["patches", patch_dim]},
-        {"name": "patch_pos_ids", "dtype": "int64", "shape": ["patches", 2]},
-    ]
-    if windowed:
-        specs += [
-            {"name": "window_index", "dtype": "int64", "shape": ["tokens"]},
-            {"name": "window_reverse", "dtype": "int64", "shape": ["tokens"]},
-            {"name": "window_ids", "dtype": "int64", "shape": ["patches"]},
-        ]
-    return specs
-
-
-def _settings(visual: nn.Module, windowed: bool) -> dict[str, int]:
-    """What `vision_rotary_inputs` needs, stored in the manifest so the runtime reads it from there."""
-    config = visual.config
-    out = {"merge_size": int(config.spatial_merge_size), "patch_size": int(config.patch_size)}
-    if windowed:
-        out["window_size"] = int(config.window_size)
-    return out
-
-
-def graph_inputs(pixels: np.ndarray, grid: np.ndarray, section: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The ORT feed for one image: its pixels plus the grid-dependent inputs, by graph input name."""
-    return {"pixel_values": pixels.astype(np.float32, copy=False),
-            **vision_rotary_inputs(grid, section, section["family"])}
-
-
-@torch.no_grad()
 def export_vision(adapter: Any, out_dir: Path, opset: int = 18) -> dict[str, Any]:
-    """Write `out_dir/vision.onnx` for the adapter's vision tower; return its manifest section.
-
-    The section is ``{"file", "family", "merge_size", "patch_size"[, "window_size"], "inputs", "outputs"
-    [, "data"]}``; inputs/outputs are ``{"name", "dtype", "shape"}`` with symbolic dims
-    ``patches`` (N, a multiple of merge²) and ``tokens`` (N / merge²).
-    """
-    family = adapter.family
-    if family not in VISION_LAYOUTS:
-        raise ValueError(f"{family}: no vision graph layout for this family")
-    windowed = VISION_LAYOUTS[family].windowed
-    visual = adapter.model.model.visual
-    encoder = VisionEncoder(visual, windowed).eval()
-    section: dict[str, Any] = {"file": VISION_FILE, "family": family, **_settings(visual, windowed)}
-
-    t, h, w = _EXAMPLE_GRID
-    patch_dim = encoder.patch_weight.shape[0]
-    extra = vision_rotary_inputs(np.array(_EXAMPLE_GRID), section, family)
-    pixels = torch.randn(t * h * w, patch_dim, generator=torch.Generator().manual_seed(0))  # leave global RNG alone
-    args = (pixels, *(torch.from_numpy(v) for v in extra.values()))
-    tokens = torch.export.Dim("tokens", min=1, max=1 << 20)
-    patches = encoder.merge_unit * tokens  # N is always a whole number of merge units
-    shapes: dict[str, Any] = {"pixel_values": {0: patches}, "patch_pos_ids": {0: patches}}
-    if windowed:
-        shapes |= {"window_index": {0: tokens}, "window_reverse": {0: tokens}, "window_ids": {0: patches}}
-
+    """Write `out_dir/vision.onnx` for the adapter's vision side; return its manifest section
+    ``{"file", "family", **exporter fields[, "external_data"]}``."""
+    exporter = _EXPORTERS.get(adapter.family)
+    if exporter is None:
+        known = ", ".join(sorted(_EXPORTERS))
+        raise ValueError(f"{adapter.family}: no vision graph exporter for this family (known: {known})")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / VISION_FILE
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)  # re-saving appends to an existing external-data file
-    large = sum(p.numel() * p.element_size() for p in visual.parameters()) > EXTERNAL_DATA_BYTES
-    specs = _input_specs(windowed, patch_dim)
+    section: dict[str, Any] = {"file": VISION_FILE, "family": adapter.family, **exporter(adapter, path, opset)}
+    if data.exists():
+        section["external_data"] = data.name  # ModelFolder checks it is there
+    return section
+
+
+def write_onnx(module: nn.Module, args: tuple, path: Path, input_names: list[str], dynamic_shapes: Any,
+               opset: int) -> None:
+    """torch.onnx.export (dynamo, opset `opset`) with one output, `OUTPUT_NAME`; external data only when large."""
+    large = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers())) > EXTERNAL_DATA_BYTES
     with warnings.catch_warnings():
         # The exporter notes that derived dims ("4*tokens") keep its own names; harmless, keep output clean.
         warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
         torch.onnx.export(
-            encoder, args, str(path), dynamo=True, opset_version=opset, external_data=large,
-            input_names=[s["name"] for s in specs], output_names=[OUTPUT_NAME],
-            dynamic_shapes=shapes, optimize=True, verbose=False,
+            module, args, str(path), dynamo=True, opset_version=opset, external_data=large,
+            input_names=input_names, output_names=[OUTPUT_NAME],
+            dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
         )
-    section["inputs"] = specs
-    hidden = int(visual.merger.mlp[-1].out_features)  # the LLM's hidden size
-    section["outputs"] = [{"name": OUTPUT_NAME, "dtype": "float32", "shape": ["tokens", hidden]}]
-    if data.exists():
-        section["data"] = data.name
-    return section
+
+
+# Importing the family modules registers their exporters.
+from . import vision_qwen2_vl, vision_tiny_vlm  # noqa: E402,F401

@@ -7,9 +7,9 @@ M-RoPE (Qwen2-VL / Qwen2.5-VL), as `model.model.get_rope_index` computes it for 
     image, g = grid / m   -> (p + 0, p + row, p + col) for each merged token in raster order,
                              then p += max(g_h, g_w)
 
-The vision graph (`export/vision.py`) cannot derive these per-image tensors itself: HF builds them with
-Python loops over `grid_thw`, which do not trace to dynamic shapes. `vision_rotary_inputs` builds them
-here instead, named like the graph inputs.
+The Qwen vision graph (`export/vision_qwen2_vl.py`) cannot derive these per-image tensors itself: HF builds
+them with Python loops over `grid_thw`, which do not trace to dynamic shapes. `vision_rotary_inputs` builds
+them here instead, named like the graph inputs.
 """
 from __future__ import annotations
 

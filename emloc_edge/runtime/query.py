@@ -1,5 +1,6 @@
 """Render a query exactly as the compiler would have: template pieces from the memory file, tokens
-from tokenizer.json, image tokens from the vision graph, (M-)RoPE positions after the memory."""
+from tokenizer.json, image tokens from the vision graph (`session.image_inputs`, the strategy of the memory's
+image processor, see image_inputs.py), (M-)RoPE positions after the memory."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInputError
-from .image import load_image, preprocess
-from .positions import mrope_positions, text_positions, vision_rotary_inputs
+from .image import load_image
+from .positions import mrope_positions, text_positions
 
 
 @dataclass
@@ -25,6 +26,8 @@ def render_query(session, image: str | Path | None, question: str | None) -> Que
         raise BadInputError(f"{image}: {meta.model_name} is a text-only model; give --prompt instead of images")
     if image is None and not question:
         raise BadInputError("nothing to ask: give an image or a question")
+    if image is not None and not question:  # the question every demonstration asked, if they shared one
+        question = template.get("default_question")
     prefix, suffix = template["query_image"] if image is not None else template["query_text"]
     ids = session.tokenizer.encode(prefix + (question or "") + suffix, add_special_tokens=False).ids
     ids = np.asarray(ids, dtype=np.int64)
@@ -34,16 +37,14 @@ def render_query(session, image: str | Path | None, question: str | None) -> Que
             mrope_positions(ids, -1, [], 1, meta.position_offset))
         return QueryInputs(embeds[None], positions)
 
-    settings = meta.image_preprocessing
-    image_token_id = session.tokenizer.token_to_id(settings["image_token"])
-    pixels, grid = preprocess(load_image(Path(image)), settings)
-    count = int(np.prod(grid)) // settings["merge_size"] ** 2
-    slot = int(np.flatnonzero(ids == image_token_id)[0])
+    image_token_id = session.tokenizer.token_to_id(meta.image_preprocessing["image_token"])
+    slots = np.flatnonzero(ids == image_token_id)
+    if len(slots) != 1:
+        raise BadInputError(f"{image}: the query template has {len(slots)} image slots, expected one")
+    features, info = session.image_inputs.encode(load_image(Path(image)), session.vision)  # [count, D]
+    slot, count = int(slots[0]), len(features)
     ids = np.concatenate([ids[:slot], np.full(count, image_token_id, np.int64), ids[slot + 1 :]])  # one slot per image token
-    vision = session.folder.manifest["graphs"]["vision"]  # merge, patch and window sizes of the tower
-    extra = vision_rotary_inputs(grid, vision, meta.model_family)
-    features = session.vision.run(None, {"pixel_values": pixels, **extra})[0]  # [count, D]
     embeds = np.asarray(session.embed_tokens[ids], dtype=np.float32)  # [T, D]
     embeds[slot : slot + count] = features  # [count, D]
-    positions = mrope_positions(ids, image_token_id, [grid], settings["merge_size"], meta.position_offset)
+    positions = session.image_inputs.positions(ids, image_token_id, info, meta.position_offset)  # [P, T]
     return QueryInputs(embeds[None], positions)

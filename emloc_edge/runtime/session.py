@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 
 from ..errors import BadInputError
 from ..memory import TaskMemory
+from .image_inputs import image_strategy
 from .memory_inputs import memory_feeds
 from .model_folder import ModelFolder
 from .query import QueryInputs, render_query
@@ -77,6 +78,11 @@ class EdgeSession:
         self.vision = (
             ort.InferenceSession(str(self.folder.graph("vision")), options, providers=self.providers)
             if self.folder.has_vision else None
+        )
+        settings = self.memory.meta.image_preprocessing
+        self.image_inputs = (  # how this model's images become LM inputs (image_inputs.py)
+            image_strategy(settings, self.folder.manifest["graphs"]["vision"], self.memory.meta.model_family)
+            if self.vision is not None and settings else None
         )
         self.tokenizer = Tokenizer.from_file(str(self.folder.path / self.folder.manifest["tokenizer"]))
         self.embed_tokens = np.load(self.folder.path / self.folder.manifest["embed_tokens"], mmap_mode="r", allow_pickle=False)
