@@ -37,7 +37,7 @@ class ImageEncoder(nn.Module):
         if grid * grid != image_tokens:
             raise ValueError(f"image_tokens must be a square number, got {image_tokens}")
         self.net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
-        self.net.set_swish(memory_efficient=False)  # plain ops: exportable, same values
+        # Lite0 uses ReLU6, as trained; `set_swish` would swap in Swish and change every feature.
         side = math.ceil(image_size / 32)  # the network downsamples by 32
         self.register_buffer("pool", pooling_matrix(side, grid), persistent=False)  # [T, side²]
 

