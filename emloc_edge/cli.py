@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -18,6 +17,7 @@ import click
 
 from . import __version__
 from .errors import EmlocError
+from .textout import finite as _finite, human_size as _size
 
 EXIT_BAD_INPUT = 2
 
@@ -58,17 +58,6 @@ def _ratios(ctx, param, value: str | None):
 
 def _emit(as_json: bool, data: dict, text: str) -> None:
     click.echo(json.dumps(_finite(data), allow_nan=False, default=str) if as_json else text)
-
-
-def _finite(x):
-    """Strict JSON: infinite settings (delta = inf) become the strings "inf" / "-inf"."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -366,14 +355,6 @@ def _inspect_text(path: Path, s: dict) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 if __name__ == "__main__":

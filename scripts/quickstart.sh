@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: set up the environment, convert the offline SmolLM2 weights once,
-# compile the bundled text task into a task memory, and show what it holds.
+# The main job on a fresh machine: set up the environment, then with the embedded default model
+# (emloc-tiny-vlm, assembled once from its installed packages) compile the bundled demos into a task
+# memory, show what it holds, export the model to ONNX, and answer held-out images under ONNX Runtime.
 . "$(dirname "$0")/env.sh"
-python scripts/setup_smollm2.py --out models/smollm2-135m-instruct
-emloc-edge compile examples/warehouse-text --model models/smollm2-135m-instruct -o task.emloc "$@"
+emloc-edge compile demos -o task.emloc "$@"
 emloc-edge inspect task.emloc
-emloc-edge export --model models/smollm2-135m-instruct -o exported/smollm2-int8 --weights int8
-emloc-edge run --memory task.emloc --model exported/smollm2-int8 \
-    --prompt "Bin for strawberry?" --prompt "Bin for screwdriver?" --prompt "Bin for sweater?"
+emloc-edge export
+# One held-out image per bin; each line shows the image (its folder is the right bin) and the answer.
+emloc-edge run --memory task.emloc $(for bin in examples/fashion-bins/test/*/; do ls "$bin"*.png | head -1; done)

@@ -22,9 +22,9 @@ import torch
 from ..compile.demos import open_image
 from ..errors import ModelLoadError
 from ..runtime.image import preprocess_square
-from .base import Batch, Geometry, ModelAdapter, Sequence, TextStack, config_geometry
+from .base import Batch, Sequence
 from .registry import register
-from .text_lm import pad_ids
+from .text_lm import TextDecoderAdapter, pad_ids
 from .tiny_vlm_vision import ImageEncoder, ImageTokens, Projector
 
 MODEL_TYPE = "emloc_tiny_vlm"
@@ -32,7 +32,9 @@ _CONFIG_KEYS = ("image_token", "image_tokens", "image_size", "image_mean", "imag
 
 
 @register
-class TinyVLMAdapter(ModelAdapter):
+class TinyVLMAdapter(TextDecoderAdapter):
+    """The language model's geometry and layers are a plain Llama's (inherited); images are its own."""
+
     family = "tiny_vlm"
     model_types = (MODEL_TYPE,)
     has_vision = True
@@ -64,14 +66,6 @@ class TinyVLMAdapter(ModelAdapter):
         projector = Projector(int(config["image_tokens"]), model.config.hidden_size, state["codebook"].shape[0])
         projector.load_state_dict(state)
         return cls(model, tokenizer, path, path.name, config, ImageTokens(encoder, projector))
-
-    @property
-    def geometry(self) -> Geometry:
-        return config_geometry(self.model.config, position_dims=1)
-
-    def text_stack(self) -> TextStack:
-        inner = self.model.model
-        return TextStack(inner.embed_tokens, inner.layers, inner.norm, self.model.lm_head, inner.rotary_emb)
 
     def user_content(self, question: str, has_image: bool) -> object:
         # The image goes after the question, right before the answer turn: a small LM copies an
