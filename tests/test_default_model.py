@@ -100,6 +100,7 @@ def test_full_context_learns_the_bins_in_context_and_zero_shot_cannot(tiny_vlm):
     bin code can be guessed."""
     from emloc_edge.compile.compressor import CompileOptions, Compressor
     from emloc_edge.compile.query import greedy_answer, memory_kv
+    from emloc_edge.models.decoder import LayerKV
 
     demos, test = _task("demos"), _task("examples/fashion-bins/test")[:30]  # 3 per bin
     full = Compressor(tiny_vlm, CompileOptions(delta=-1.0, precision="fp32")).compile(demos)
@@ -109,6 +110,8 @@ def test_full_context_learns_the_bins_in_context_and_zero_shot_cannot(tiny_vlm):
                                                        max_new_tokens=4)).strip() for d in test]
     accuracy = np.mean([a == d.answer for a, d in zip(answers, test)])
     assert accuracy >= 0.3, (accuracy, answers)
-    zero = [tiny_vlm.tokenizer.decode(greedy_answer(tiny_vlm, [], 0, d.question, d.image, max_new_tokens=4,
+    g = tiny_vlm.geometry
+    empty = [LayerKV.empty(g.num_kv_heads, g.head_dim) for _ in range(g.num_layers)]  # no demonstrations
+    zero = [tiny_vlm.tokenizer.decode(greedy_answer(tiny_vlm, empty, 0, d.question, d.image, max_new_tokens=4,
                                                     first_turn=True)).strip() for d in test[:5]]
     assert not any(a == d.answer for a, d in zip(zero, test)), zero
