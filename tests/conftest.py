@@ -7,7 +7,7 @@ Fixtures
 - ``qwen2_vl_dir``, ``qwen2_5_vl_dir``, ``llama_dir``: default builds of each family.
 - ``vl_family_dir`` / ``all_family_dir``: parametrized over the VL families / all families;
   each yields a ``TinyModel(family, path)``.
-- ``tiny_vlm_dir``: factory ``(**kwargs) -> Path`` of ``tiny_models.build_tiny_vlm`` folders (the default
+- ``tiny_vlm_dir``: factory ``(**kwargs) -> Path`` of ``tiny_vlm_model.build_tiny_vlm`` folders (the default
   model's family, random weights), cached per kwargs, e.g. ``tiny_vlm_dir(image_tokens=4)``.
 - ``make_images``: the ``tiny_models.make_images(dir, n, seed)`` function (PNG paths).
 """
@@ -49,9 +49,9 @@ from tiny_models import (  # noqa: E402
     VL_FAMILIES,
     TinyModel,
     build_tiny_model,
-    build_tiny_vlm,
     make_images as _make_images,
 )
+from tiny_vlm_model import build_tiny_vlm  # noqa: E402
 
 
 @pytest.fixture(scope="session")

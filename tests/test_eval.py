@@ -6,7 +6,6 @@ checked against plain transformers and against items whose answers are known, no
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path

@@ -74,7 +74,7 @@ def test_folder_loads_through_load_model(adapter):
 
 
 def test_builds_are_deterministic(tiny_vlm_dir, tmp_path):
-    from tiny_models import build_tiny_vlm
+    from tiny_vlm_model import build_tiny_vlm
 
     again = build_tiny_vlm(tmp_path / "again")
     for name in ("vision_encoder.safetensors", "projector.safetensors", "language_model/model.safetensors"):
