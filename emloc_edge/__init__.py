@@ -14,6 +14,7 @@ _LAZY = {
     "CompileOptions": "emloc_edge.compile.compressor",
     "load_model": "emloc_edge.models.loading",
     "evaluate": "emloc_edge.evaluate",
+    "EdgeSession": "emloc_edge.runtime.session",
 }
 
 

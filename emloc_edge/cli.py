@@ -20,12 +20,22 @@ from .errors import EmlocError
 from .textout import finite as _finite, human_size as _size
 
 EXIT_BAD_INPUT = 2
+EXIT_EXPORT_BUG = 3  # ExportValidationError: the ONNX graph disagrees with PyTorch (a bug, not bad input)
+
+#: Library parameter -> the CLI's flag for it; library errors name the parameter, the CLI adds the flag.
+FLAGS = {
+    "provider": "--provider", "max_new_tokens": "--max-new-tokens", "memory_inputs": "--memory-inputs",
+    "threads": "--threads", "question": "--question", "delta": "--delta", "ratios": "--ratios",
+    "chunk_size": "--chunk-size", "precision": "--precision", "output": "-o/--output", "append": "--append",
+    "weights": "--weights", "validate": "--no-validate", "conditions": "--conditions", "limit": "--limit",
+}
 
 
 def _one_line(e: BaseException) -> str:
     """The message the user sees for an exception that reached the top."""
     if isinstance(e, EmlocError):
-        return str(e)
+        flags = [FLAGS.get(p, "--" + p.replace("_", "-")) for p in e.parameters]
+        return f"{e} ({', '.join(flags)})" if flags else str(e)
     if isinstance(e, OSError) and e.filename:
         return f"{e.filename}: {e.strerror or e}"
     return f"{type(e).__name__}: {e}"
@@ -42,7 +52,7 @@ def handle_errors(fn):
             if os.environ.get("EMLOC_EDGE_DEBUG"):
                 raise
             click.echo(f"error: {_one_line(e)}".splitlines()[0], err=True)
-            sys.exit(EXIT_BAD_INPUT)
+            sys.exit(getattr(e, "exit_code", EXIT_BAD_INPUT))
 
     return wrapper
 

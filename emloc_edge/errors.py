@@ -1,9 +1,21 @@
-"""User-facing errors: every bad input becomes one of these, and the CLI prints it as one line, exit code 2."""
+"""User-facing errors: every bad input becomes one of these, and the CLI prints it as one line.
+
+Exit codes of the CLI: 2 for bad input (every class here but one), 3 for `ExportValidationError`
+(an export whose ONNX graph disagrees with PyTorch: a bug in the exporter, not in the input).
+Library messages name Python parameters (`max_new_tokens`); `parameters` lists them so that the CLI
+can add its own flag wording (`--max-new-tokens`).
+"""
 from __future__ import annotations
 
 
 class EmlocError(Exception):
-    """Base of every error the CLI reports as a one-line message with exit code 2."""
+    """Base of every error the CLI reports as a one-line message (exit code 2 unless a subclass says otherwise)."""
+
+    exit_code = 2
+
+    def __init__(self, message: str = "", *, parameters: tuple[str, ...] | str = ()) -> None:
+        super().__init__(message)
+        self.parameters = (parameters,) if isinstance(parameters, str) else tuple(parameters)
 
 
 class BadInputError(EmlocError, ValueError):
@@ -15,8 +27,14 @@ class MemoryFileError(EmlocError):
 
 
 class ModelMismatchError(EmlocError):
-    """A task memory was built for another model than the one given."""
+    """A task memory was built for another model than the one given, or does not fit its geometry."""
 
 
 class ModelLoadError(EmlocError):
     """A model folder or GGUF file cannot be found or is not a supported model."""
+
+
+class ExportValidationError(EmlocError):
+    """The exported ONNX graph disagrees with PyTorch beyond the tolerance: an exporter bug, not bad input."""
+
+    exit_code = 3

@@ -19,7 +19,7 @@ import torch
 
 from emloc_edge.compile.compressor import CompileOptions, Compressor
 from emloc_edge.compile.query import memory_kv
-from emloc_edge.errors import EmlocError
+from emloc_edge.errors import EmlocError, ExportValidationError
 from emloc_edge.export import weights as weight_files
 from emloc_edge.export.decoder_step import DATA_FILE, GRAPHS, export_decoder_step, output_names, validate_decoder_step
 from emloc_edge.memory import TaskMemory, quantize_keys
@@ -244,7 +244,7 @@ def test_validate_reports_every_output_and_fails_beyond_tolerance(exported):
     deltas = validate_decoder_step(exported.adapter, exported.out)
     assert len(deltas) == 2 * (1 + 2 * exported.adapter.geometry.num_layers)
     assert max(deltas.values()) <= ATOL
-    with pytest.raises(EmlocError, match="decoder_step_q8/logits"):
+    with pytest.raises(ExportValidationError, match="decoder_step_q8/logits"):
         validate_decoder_step(exported.adapter, exported.out, atol=0.0)
 
 

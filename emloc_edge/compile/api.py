@@ -71,18 +71,18 @@ def compile_memory(
 
 def _check_same_settings(memory: CompileOptions, given: CompileOptions, path: str | Path) -> None:
     """Appending keeps the memory's own settings; name the memory file and each option that differs."""
-    fields = (("--delta", "delta"), ("--ratios", "ratios"), ("--chunk-size", "chunk_size"), ("--precision", "precision"))
+    fields = ("delta", "ratios", "chunk_size", "precision")
     show = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else str(v)  # noqa: E731
-    diff = [f"{flag} {show(getattr(memory, f))} (given {show(getattr(given, f))})"
-            for flag, f in fields if getattr(memory, f) != getattr(given, f)]
+    diff = [f"{f} {show(getattr(memory, f))} (given {show(getattr(given, f))})"
+            for f in fields if getattr(memory, f) != getattr(given, f)]
     if diff:
         raise BadInputError(f"{path}: appending needs the memory's own settings: {', '.join(diff)}; "
-                            "leave these options out or give the memory's values")
+                            "leave these out or give the memory's values", parameters=[f.split()[0] for f in diff])
 
 
 def _check_output(output: Path) -> None:
     if output.is_dir():
-        raise BadInputError(f"{output}: is a folder; give a file name for the memory (-o FILE)")
+        raise BadInputError(f"{output}: is a folder; give a file name for the memory", parameters="output")
     if not output.parent.is_dir():
         raise BadInputError(f"{output}: output folder {output.parent} does not exist")
 

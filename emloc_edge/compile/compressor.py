@@ -31,12 +31,13 @@ class CompileOptions:
 
     def __post_init__(self) -> None:
         if math.isnan(self.delta):
-            raise BadInputError("--delta must be a number, got nan")
+            raise BadInputError("delta must be a number, got nan", parameters="delta")
         self.ratios = validate_ratios(tuple(float(r) for r in self.ratios))
         if self.chunk_size < 1:
-            raise BadInputError(f"--chunk-size must be at least 1, got {self.chunk_size}")
+            raise BadInputError(f"chunk_size must be at least 1, got {self.chunk_size}", parameters="chunk_size")
         if self.precision not in PRECISIONS:
-            raise BadInputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise BadInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+                                parameters="precision")
         if self.policy not in POLICIES:
             raise BadInputError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
 
@@ -160,4 +161,4 @@ class Compressor:
 
 
 def _settings(h: dict, precision: str) -> str:
-    return f"--delta {h['delta']} --ratios {','.join(str(r) for r in h['ratios'])} --chunk-size {h['chunk_size']} --precision {precision}"
+    return f"delta={h['delta']}, ratios={','.join(str(r) for r in h['ratios'])}, chunk_size={h['chunk_size']}, precision={precision}"

@@ -197,7 +197,7 @@ def _load_jsonl(shown_dir: Path, root: Path, default_question: str | None,
             question = default_question
         else:
             raise BadInputError(
-                f"{loc}: missing field \"question\" (and no default question from --question or {TASK_FILE})"
+                f"{loc}: missing field \"question\" (and no default question given nor in {TASK_FILE})", parameters="question"
             )
 
         image: Path | None = None
@@ -245,8 +245,8 @@ def _load_imagefolder(shown_dir: Path, root: Path, class_dirs: list[str], questi
         )
     if question is None:
         raise BadInputError(
-            f"{shown_dir}: image-folder layout needs a question: pass --question or write "
-            f"{shown_dir / TASK_FILE} as {{\"question\": \"...\"}}"
+            f"{shown_dir}: image-folder layout needs a question: give one or write "
+            f"{shown_dir / TASK_FILE} as {{\"question\": \"...\"}}", parameters="question"
         )
     per_class: list[list[Demo]] = []
     for name in class_dirs:
@@ -281,7 +281,7 @@ def _load_imagefolder(shown_dir: Path, root: Path, class_dirs: list[str], questi
 def load_demos(demos_dir: Path, question: str | None = None, needs_images: bool | None = None) -> list[Demo]:
     """Load and validate the demonstrations in ``demos_dir`` (layout (a) or (b), see module docstring).
 
-    ``question``: default question (e.g. from ``--question``); it wins over ``task.json``.
+    ``question``: default question (e.g. from the CLI's question option); it wins over ``task.json``.
     ``needs_images``: ``True`` for a vision-language model (every demo must have an image), ``False`` for a
     text-only model (no demo may have one), ``None`` to accept both.
 
@@ -289,7 +289,7 @@ def load_demos(demos_dir: Path, question: str | None = None, needs_images: bool 
     and fully decoded once. Raises :class:`BadInputError` with a one-line message naming the file.
     """
     if question is not None and (not isinstance(question, str) or not question.strip()):
-        raise BadInputError("--question: the question is empty")
+        raise BadInputError("question is empty", parameters="question")
     shown_dir = Path(demos_dir)
     if not shown_dir.exists():
         raise BadInputError(f"{shown_dir}: demos folder not found")
@@ -301,7 +301,7 @@ def load_demos(demos_dir: Path, question: str | None = None, needs_images: bool 
     except OSError as e:
         raise BadInputError(f"{shown_dir}: cannot list the demos folder ({_one_line(e.strerror or e)})") from None
 
-    # task.json is validated even when --question overrides it, so a broken file never goes unnoticed.
+    # task.json is validated even when `question` overrides it, so a broken file never goes unnoticed.
     task_q = _read_task_question(shown_dir, root)
     default_q = question if question is not None else task_q
 

@@ -73,5 +73,5 @@ POLICIES: dict[str, type] = {p.name: p for p in (GreedyTopDown, UniformRatio)}
 
 def validate_ratios(ratios: tuple[float, ...]) -> tuple[float, ...]:
     if not ratios or any(not (0.0 < r <= 1.0) or math.isnan(r) for r in ratios):
-        raise BadInputError(f"--ratios: keep ratios must be in (0, 1], got {list(ratios)}")
+        raise BadInputError(f"ratios: keep ratios must be in (0, 1], got {list(ratios)}", parameters="ratios")
     return tuple(sorted(set(ratios)))

@@ -51,9 +51,11 @@ def resolve_conditions(names: Iterable[str] | str | None) -> list[str]:
     asked = [n.strip() for n in names if n.strip()]
     unknown = [n for n in asked if n not in CONDITIONS]
     if unknown:
-        raise BadInputError(f"--conditions: unknown condition {unknown[0]!r} (choose from {', '.join(CONDITION_NAMES)})")
+        raise BadInputError(f"conditions: unknown condition {unknown[0]!r} (choose from {', '.join(CONDITION_NAMES)})",
+                            parameters="conditions")
     if not asked:
-        raise BadInputError(f"--conditions: no condition given (choose from {', '.join(CONDITION_NAMES)})")
+        raise BadInputError(f"conditions: no condition given (choose from {', '.join(CONDITION_NAMES)})",
+                            parameters="conditions")
     return [n for n in CONDITION_NAMES if n in asked]
 
 
@@ -83,9 +85,9 @@ def evaluate(
     progress = progress or _Silent()
     names = resolve_conditions(conditions)
     if limit is not None and limit < 1:
-        raise BadInputError(f"--limit must be at least 1, got {limit}")
+        raise BadInputError(f"limit must be at least 1, got {limit}", parameters="limit")
     if max_new_tokens < 1:
-        raise BadInputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        raise BadInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}", parameters="max_new_tokens")
     defaults = CompileOptions()
     options = CompileOptions(
         delta=defaults.delta if delta is None else delta,

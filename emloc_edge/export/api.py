@@ -33,7 +33,7 @@ def export_model(
     from .decoder_step import export_decoder_step, validate_decoder_step
 
     if weights not in WEIGHTS:
-        raise BadInputError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+        raise BadInputError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}", parameters="weights")
     out_dir = Path(out_dir)
     if out_dir.exists() and not (out_dir / MANIFEST).is_file() and any(out_dir.iterdir()):
         raise BadInputError(f"{out_dir}: exists and is not an exported model folder; refusing to replace it")

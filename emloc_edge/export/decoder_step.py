@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import BadInputError, EmlocError
+from ..errors import BadInputError, ExportValidationError
 from ..models.base import ModelAdapter
 from ..models.decoder import rotate
 from . import weights as weight_files
@@ -221,7 +221,8 @@ def export_decoder_step(adapter: ModelAdapter, out_dir: Path, weights: str = "fp
     "opset"}; "memory" is the dtype of the graph's mem_key_t / mem_value inputs (float32 | int8).
     """
     if weights not in weight_files.WEIGHT_FORMATS:
-        raise BadInputError(f"--weights must be one of {', '.join(weight_files.WEIGHT_FORMATS)}, got {weights!r}")
+        raise BadInputError(f"weights must be one of {', '.join(weight_files.WEIGHT_FORMATS)}, got {weights!r}",
+                            parameters="weights")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     g = adapter.geometry
@@ -256,7 +257,7 @@ def validate_decoder_step(adapter: ModelAdapter, out_dir: Path, atol: float = 1e
     Returns per output ("decoder_step/logits", "decoder_step_q8/new_key.0", ...) the max |Δ| scaled by
     the output's magnitude, max |Δ| / max(1, max |reference|): real weights fed random inputs give
     deep-layer values and logits in the tens, where fp32 summation order alone moves the last digits.
-    With fp32 weights, raises EmlocError naming every output over `atol`; with quantized weights
+    With fp32 weights, raises ExportValidationError naming every output over `atol`; with quantized weights
     (MatMulNBits in the graph) the differences are only reported, since they measure weight
     quantization, not export.
     """
@@ -281,8 +282,9 @@ def validate_decoder_step(adapter: ModelAdapter, out_dir: Path, atol: float = 1e
     bad = {k: d for k, d in deltas.items() if not d <= atol}
     if bad and not quantized_weights:
         listed = ", ".join(f"{k} {d:.2e}" for k, d in bad.items())
-        raise EmlocError(f"{out_dir}: ONNX decoder step differs from PyTorch beyond {atol:g} (relative to each output's scale): {listed}; "
-                         "this is an export bug: please report it (export without validation to keep the graphs)")
+        raise ExportValidationError(f"{out_dir}: ONNX decoder step differs from PyTorch beyond {atol:g} (relative to each output's scale): {listed}; "
+                         "this is an export bug: please report it (export with validate=False to keep the graphs)",
+                                    parameters="validate")
     return deltas
 
 

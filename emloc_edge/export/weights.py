@@ -30,7 +30,7 @@ _Key = tuple[int, tuple[int, ...], bytes]  # (ONNX dtype, dims, sha256 of the ra
 def quantize_weights(model: onnx.ModelProto, weights: str) -> onnx.ModelProto:
     """fp32: unchanged; int8 | int4: MatMul weights -> MatMulNBits (block 32, accuracy level 4)."""
     if weights not in WEIGHT_FORMATS:
-        raise BadInputError(f"--weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
+        raise BadInputError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}", parameters="weights")
     if weights == "fp32":
         return model
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer

@@ -71,7 +71,7 @@ def memory_feeds(task_memory: TaskMemory, variant: str) -> dict[str, np.ndarray]
     precision = task_memory.meta.precision
     if variant == INT8 and precision != "int8":
         raise BadInputError(f"a {precision} memory has no int8 tensors for {INT8}.onnx; "
-                            f"use {FLOAT}.onnx or compile the memory with --precision int8")
+                            f"use {FLOAT}.onnx or compile the memory with precision int8", parameters="precision")
     feeds: dict[str, np.ndarray] = {}
     for i, layer in enumerate(task_memory.layers):
         if variant == FLOAT:

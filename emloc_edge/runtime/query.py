@@ -23,7 +23,7 @@ def render_query(session, image: str | Path | None, question: str | None) -> Que
     meta = session.memory.meta
     template = meta.template
     if image is not None and template.get("query_image") is None:
-        raise BadInputError(f"{image}: {meta.model_name} is a text-only model; give --prompt instead of images")
+        raise BadInputError(f"{image}: {meta.model_name} is a text-only model; ask a question without an image")
     if image is None and not question:
         raise BadInputError("nothing to ask: give an image or a question")
     if image is not None and not question:  # the question every demonstration asked, if they shared one

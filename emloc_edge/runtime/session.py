@@ -22,6 +22,7 @@ from .image_inputs import image_strategy
 from .memory_inputs import memory_feeds
 from .model_folder import ModelFolder
 from .query import QueryInputs, render_query
+from .textstream import stream_text
 
 
 @dataclass
@@ -40,10 +41,11 @@ def select_providers(choice: str = "auto") -> list[str]:
         return ["CPUExecutionProvider"]
     if choice == "cuda":
         if "CUDAExecutionProvider" not in available:
-            raise BadInputError("--provider cuda: CUDA is not available (needs onnxruntime-gpu and a GPU)")
+            raise BadInputError("provider 'cuda': CUDA is not available (needs onnxruntime-gpu and a GPU)",
+                                parameters="provider")
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if choice != "auto":
-        raise BadInputError(f"--provider must be auto, cpu or cuda, got {choice!r}")
+        raise BadInputError(f"provider must be auto, cpu or cuda, got {choice!r}", parameters="provider")
     return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
 
 
@@ -101,7 +103,8 @@ class EdgeSession:
         chunk, and merging them re-rounds K (measured on SmolLM2: logits move 0.18, 1 answer in 40
         changes). So auto takes it only where it is exact and otherwise dequantizes once at load."""
         if self.memory_inputs not in ("auto", "int8", "float"):
-            raise BadInputError(f"--memory-inputs must be auto, int8 or float, got {self.memory_inputs!r}")
+            raise BadInputError(f"memory_inputs must be auto, int8 or float, got {self.memory_inputs!r}",
+                                parameters="memory_inputs")
         int8 = self.memory.meta.precision == "int8"
         if self.memory_inputs == "int8" and not int8:
             raise BadInputError(f"{self.memory_path}: a {self.memory.meta.precision} memory has no int8 inputs")
@@ -116,16 +119,9 @@ class EdgeSession:
 
     def stream(self, image: str | Path | None = None, question: str | None = None,
                max_new_tokens: int | None = None) -> Iterator[str]:
-        """Yield the answer text piece by piece as tokens are generated."""
-        ids: list[int] = []
-        shown = ""
-        for token in self._generate(self._inputs(image, question), max_new_tokens):
-            ids.append(token)
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
-                continue
-            yield text[len(shown):]
-            shown = text
+        """Yield the answer text piece by piece as tokens are generated; the pieces join to `answer().text`."""
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        yield from stream_text(decode, self._generate(self._inputs(image, question), max_new_tokens))
 
     def answer(self, image: str | Path | None = None, question: str | None = None,
                max_new_tokens: int | None = None) -> Answer:
@@ -158,7 +154,7 @@ class EdgeSession:
         """Greedy decoding: prefill the query, then one token at a time until an end-of-turn token."""
         limit = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         if limit < 1:
-            raise BadInputError(f"--max-new-tokens must be at least 1, got {limit}")
+            raise BadInputError(f"max_new_tokens must be at least 1, got {limit}", parameters="max_new_tokens")
         decoder = self._decode(query)
         logits = next(decoder)
         for i in range(limit):

@@ -92,7 +92,8 @@ def test_append_with_conflicting_settings(option, value, with_output, llama_dir:
     args = ["-o", out] if with_output else []
     line = assert_bad_input(
         cli("compile", good_demos, "--model", llama_dir, "--append", memory_copy, *args, option, value, "-q"),
-        memory_copy, f"{option} {SETTINGS[option]}", value, out=out, out_dir=out_dir, expect_in_dir={"mem.emloc"},
+        memory_copy, f"{option[2:].replace('-', '_')} {SETTINGS[option]}", f"({option})", value, out=out,
+        out_dir=out_dir, expect_in_dir={"mem.emloc"},
     )
     assert "settings" in line
     assert not any(other in line for other in SETTINGS if other != option), "only the conflicting option is named"
