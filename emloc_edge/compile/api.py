@@ -8,7 +8,7 @@ from ..errors import BadInputError
 from ..memory import TaskMemory
 from ..models.base import ModelAdapter
 from .compressor import CompileOptions, Compressor, Progress
-from .demos import Demo, load_demos
+from .demos import Demo, check_demo_lengths, load_demos
 
 
 def compile_memory(
@@ -55,6 +55,8 @@ def compile_memory(
     adapter = model if isinstance(model, ModelAdapter) else load_model(model)
     if existing is not None:
         existing.check_model(adapter.fingerprint(), append)
+    count = lambda text: len(adapter.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    check_demo_lengths(demos, count, where)
     if not adapter.has_vision and any(d.image is not None for d in demos):
         first = next(d.image for d in demos if d.image is not None)
         raise BadInputError(f"{where or first}: {adapter.name} is a text-only model, but the demonstrations have images")

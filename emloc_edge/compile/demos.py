@@ -27,6 +27,12 @@ Two folder layouts are accepted:
 
 If ``demos.jsonl`` exists, layout (a) is used and sub-folders are ignored (they typically hold images).
 
+Limits (refused up front, before any model loads): a JSONL line of at most :data:`MAX_LINE_BYTES`, a question
+plus answer of at most :data:`MAX_DEMO_TEXT_BYTES` UTF-8 bytes, JSON nested at most :data:`MAX_JSON_DEPTH` deep;
+once the tokenizer is known, ``compile`` refuses a demo whose question plus answer is longer than
+:data:`MAX_DEMO_TOKENS` tokens (:func:`check_demo_lengths`). Images, also symlinked ones, must lie inside the
+demos folder in both layouts.
+
 Question precedence: an explicit ``question`` argument wins over ``task.json`` (which is only a default)
 for ImageFolder demos and for JSONL lines without a ``question``; a ``question`` written on a JSONL line
 is always used as is.
@@ -46,10 +52,17 @@ from emloc_edge.runtime.image import load_image
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as _PILImage
 
-__all__ = ["Demo", "load_demos", "open_image", "DEMOS_FILE", "TASK_FILE", "MAX_IMAGE_PIXELS", "IMAGE_EXTENSIONS"]
+__all__ = ["Demo", "load_demos", "check_demo_lengths", "open_image", "DEMOS_FILE", "TASK_FILE", "MAX_IMAGE_PIXELS",
+           "IMAGE_EXTENSIONS", "MAX_DEMO_TOKENS"]
 
 DEMOS_FILE = "demos.jsonl"
 TASK_FILE = "task.json"
+#: Longest demo (question + answer, image tokens not counted) compile accepts, in tokens of the model.
+MAX_DEMO_TOKENS = 2048
+#: Byte caps checked before tokenizing: no token is 32 bytes long, so these never refuse a demo within MAX_DEMO_TOKENS.
+MAX_DEMO_TEXT_BYTES = 32 * MAX_DEMO_TOKENS
+MAX_LINE_BYTES = 4 * MAX_DEMO_TEXT_BYTES  # a JSONL line: question, answer, image path and JSON escapes
+MAX_JSON_DEPTH = 16  # a demo line is one flat object
 #: Largest image (width * height) accepted; larger files are refused as possible decompression bombs.
 MAX_IMAGE_PIXELS = _DEFAULT_MAX_PIXELS  # Pillow's default warning threshold; tests lower it here
 #: File extensions recognised as images in the ImageFolder layout (any other non-hidden file is an error).
@@ -74,6 +87,38 @@ def _where(path: Path) -> str:
 
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
+
+
+def _loads(text: str, where: str, position: bool = True) -> object:
+    """json.loads where every failure (bad syntax, a 5,000-digit number, deep nesting) is one BadInputError."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f" at line {e.lineno} column {e.colno}" if position else ""
+        raise BadInputError(f"{where}: not valid JSON ({e.msg}{at})") from None
+    except (ValueError, RecursionError) as e:
+        raise BadInputError(f"{where}: not usable JSON ({_one_line(e)[:80] or type(e).__name__})") from None
+    stack = [(obj, 1)]
+    while stack:
+        x, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise BadInputError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(x, (dict, list)):
+            stack.extend((v, depth + 1) for v in (x.values() if isinstance(x, dict) else x))
+    return obj
+
+
+def _check_text(value: str, what: str, where: str) -> None:
+    """Refuse text the tokenizer cannot take: lone surrogates (not UTF-8) and NUL bytes; and over-long text."""
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise BadInputError(f"{where}: {what} is not valid Unicode (it holds a lone surrogate)") from None
+    if "\x00" in value:
+        raise BadInputError(f"{where}: {what} holds a NUL character")
+    if size > MAX_DEMO_TEXT_BYTES:
+        raise BadInputError(f"{where}: {what} is {size} bytes long; a demo may have at most {MAX_DEMO_TEXT_BYTES} "
+                            f"bytes (and {MAX_DEMO_TOKENS} tokens) of text")
 
 
 def open_image(path: Path) -> "_PILImage.Image":
@@ -113,10 +158,9 @@ def _read_task_question(shown_dir: Path, root: Path) -> str | None:
         raise BadInputError(f"{where}: not valid UTF-8 text") from None
     except OSError as e:
         raise BadInputError(f"{where}: cannot read ({_one_line(e.strerror or e)})") from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise BadInputError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if len(text) > MAX_LINE_BYTES:
+        raise BadInputError(f"{where}: {len(text)} characters long; a task file may have at most {MAX_LINE_BYTES}")
+    obj = _loads(text, where)
     if not isinstance(obj, dict):
         raise BadInputError(f"{where}: must be a JSON object like {{\"question\": \"...\"}}, got {_json_type(obj)}")
     if "question" not in obj:
@@ -126,6 +170,7 @@ def _read_task_question(shown_dir: Path, root: Path) -> str | None:
         raise BadInputError(f"{where}: \"question\" must be a string, got {_json_type(q)}")
     if not q.strip():
         raise BadInputError(f"{where}: \"question\" is empty")
+    _check_text(q, "\"question\"", where)
     return q
 
 
@@ -152,6 +197,7 @@ def _string_field(obj: dict, field: str, loc: str) -> str:
         raise BadInputError(f"{loc}: field \"{field}\" must be a string, got {_json_type(value)}")
     if not value.strip():
         raise BadInputError(f"{loc}: field \"{field}\" is empty")
+    _check_text(value, f"field \"{field}\"", loc)
     return value
 
 
@@ -178,10 +224,9 @@ def _load_jsonl(shown_dir: Path, root: Path, default_question: str | None,
             line = line.lstrip("\ufeff")  # tolerate a byte-order mark
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BadInputError(f"{loc}: not valid JSON ({e.msg})") from None
+        if len(bline) > MAX_LINE_BYTES:
+            raise BadInputError(f"{loc}: line is {len(bline)} bytes long; a demo line may have at most {MAX_LINE_BYTES}")
+        obj = _loads(line, loc, position=False)
         if not isinstance(obj, dict):
             raise BadInputError(
                 f"{loc}: expected a JSON object like {{\"question\": ..., \"answer\": ...}}, got {_json_type(obj)}"
@@ -209,17 +254,11 @@ def _load_jsonl(shown_dir: Path, root: Path, default_question: str | None,
                     "(remove the \"image\" fields or use a vision-language model)"
                 )
             if Path(rel).is_absolute():
-                raise BadInputError(f"{loc}: image path {rel!r} must be relative to the demos folder")
-            img = (root / rel).resolve()
-            if not _inside(img, root):
-                raise BadInputError(f"{loc}: image path {rel!r} points outside the demos folder")
-            if not img.exists():
-                raise BadInputError(f"{loc}: image {rel!r} not found ({shown_dir / rel})")
+                raise BadInputError(f"{loc}: image path {rel[:200]!r} must be relative to the demos folder")
             try:
-                _check_image(img, shown_dir / rel)
+                image = _image_inside(root, root / rel, shown_dir / rel, f"image path {rel[:200]!r}")
             except BadInputError as e:
                 raise BadInputError(f"{loc}: {e}") from None
-            image = img
         elif needs_images is True:
             raise BadInputError(
                 f"{loc}: this demo has no \"image\", but the model is a vision-language model that needs "
@@ -229,6 +268,22 @@ def _load_jsonl(shown_dir: Path, root: Path, default_question: str | None,
     if not demos:
         raise BadInputError(f"{where}: no demonstrations (the file is empty or has only blank lines)")
     return demos
+
+
+def _image_inside(root: Path, path: Path, shown: Path, what: str) -> Path:
+    """The resolved, checked image at `path`; it must lie inside `root` (symlinks too, in both layouts)."""
+    try:
+        img = path.resolve()
+        inside = _inside(img, root)
+        found = img.exists()
+    except (OSError, RuntimeError) as e:  # symlink loop (RuntimeError before 3.13), a name too long, ...
+        raise BadInputError(f"{what[:200]}: cannot be resolved ({_one_line(getattr(e, 'strerror', None) or e)[:80]})") from None
+    if not inside:
+        raise BadInputError(f"{what[:200]}: points outside the demos folder")
+    if not found:
+        raise BadInputError(f"{what[:200]}: image not found ({str(shown)[:200]})")
+    _check_image(img, shown)
+    return img
 
 
 def _is_hidden(p: Path) -> bool:
@@ -265,9 +320,7 @@ def _load_imagefolder(shown_dir: Path, root: Path, class_dirs: list[str], questi
                     f"{shown}: not an image file (extension {Path(entry).suffix or '(none)'!r}; expected one of "
                     f"{', '.join(sorted(IMAGE_EXTENSIONS))})"
                 )
-            img = f.resolve()
-            _check_image(img, shown)
-            items.append(Demo(question=question, answer=name, image=img))
+            items.append(Demo(question=question, answer=name, image=_image_inside(root, f, shown, str(shown))))
         if not items:
             raise BadInputError(f"{shown_cls}: class folder {name!r} contains no images")
         per_class.append(items)
@@ -290,7 +343,32 @@ def load_demos(demos_dir: Path, question: str | None = None, needs_images: bool 
     """
     if question is not None and (not isinstance(question, str) or not question.strip()):
         raise BadInputError("question is empty", parameters="question")
-    shown_dir = Path(demos_dir)
+    if question is not None:
+        _check_text(question, "the question", "question")
+    try:
+        return _load_demos(Path(demos_dir), question, needs_images)
+    except BadInputError:
+        raise
+    except (OSError, RuntimeError, ValueError) as e:  # a path too long, a NUL byte, a symlink loop, ...
+        where = getattr(e, "filename", None) or demos_dir
+        reason = getattr(e, "strerror", None) or _one_line(e) or type(e).__name__
+        raise BadInputError(f"{str(where)[:300]}: cannot read the demos ({_one_line(reason)[:120]})") from None
+
+
+def check_demo_lengths(demos: list[Demo], count_tokens, where: object = None) -> None:
+    """Refuse a demo whose question + answer exceed MAX_DEMO_TOKENS tokens (`count_tokens(text) -> int`),
+    or whose text the tokenizer cannot take; called by compile once the model's tokenizer is known."""
+    for i, d in enumerate(demos):
+        loc = f"{where}: demo {i + 1}" if where is not None else f"demo {i + 1}"
+        for what, text in (("question", d.question), ("answer", d.answer)):
+            _check_text(text, what, loc)
+        n = count_tokens(d.question) + count_tokens(d.answer)
+        if n > MAX_DEMO_TOKENS:
+            raise BadInputError(f"{loc}: question and answer are {n} tokens long; a demo may have at most "
+                                f"{MAX_DEMO_TOKENS} (split it, or shorten it)")
+
+
+def _load_demos(shown_dir: Path, question: str | None, needs_images: bool | None) -> list[Demo]:
     if not shown_dir.exists():
         raise BadInputError(f"{shown_dir}: demos folder not found")
     if not shown_dir.is_dir():

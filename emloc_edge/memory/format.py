@@ -16,22 +16,20 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from emloc_edge.errors import MemoryFileError, ModelMismatchError
-from emloc_edge.memory import quantize
-from emloc_edge.memory.quantize import PRECISIONS, STORED_DTYPES
+from emloc_edge.memory import quantize, validate
+from emloc_edge.memory.validate import FORMAT_NAME, FORMAT_VERSION, SUPPORTED_VERSIONS, FieldError
 
-FORMAT_NAME = "emloc-memory"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
-_PARTS = ("key_t", "value", "token_index", "key_scale", "value_scale")  # tensor `layers.{i}.{part}`
-
-
-class _FieldError(ValueError):
-    """A meta field or tensor is wrong; load() prefixes the file path, add_chunk/empty raise it as is."""
+_PARTS = validate.PARTS["int8"]  # tensor `layers.{i}.{part}`; fp16/fp32 memories have no scales
 
 
 @dataclass
@@ -114,10 +112,10 @@ class TaskMemory:
     @classmethod
     def empty(cls, meta: MemoryMeta) -> TaskMemory:
         """A memory with no chunks yet (every layer has n = 0). `meta.chunks` must be empty."""
-        _check_meta(json.loads(meta.to_json()))
+        validate.check_meta(json.loads(meta.to_json()))
         if meta.chunks:
             raise ValueError("TaskMemory.empty() needs meta.chunks == []; add chunks with add_chunk()")
-        zeros = {name: np.zeros(shape, dtype) for name, (dtype, shape) in _expected_tensors(meta).items()}
+        zeros = {name: np.zeros(shape, dtype) for name, (dtype, shape) in validate.expected_tensors(meta).items()}
         return cls(meta, _layers_from_tensors(meta, zeros))
 
     def add_chunk(
@@ -129,7 +127,7 @@ class TaskMemory:
         so a ValueError leaves the memory as it was.
         """
         m = self.meta
-        _check_chunk(checked := _chunk_json(record), "record", m.num_layers)
+        validate.check_chunk(checked := _chunk_json(record), "record", m.num_layers)
         if not len(keys) == len(values) == len(token_index) == m.num_layers:
             raise ValueError(f"add_chunk needs {m.num_layers} keys, values and token_index arrays, "
                              f"got {len(keys)}, {len(values)}, {len(token_index)}")
@@ -163,15 +161,17 @@ class TaskMemory:
 
     def save(self, path: str | os.PathLike) -> int:
         """Write atomically (temp file in the same folder, then os.replace); return the bytes written.
-        On any failure the temp file is removed and whatever was at `path` before stays untouched."""
+        On any failure the temp file is removed and whatever was at `path` before stays untouched. A temp
+        file a killed save left behind (`.NAME.XXXXXXXX.tmp`, no longer locked) is removed by the next save."""
         path = os.fspath(path)
         tensors, meta_json = self.tensors(), self.meta.to_json()
         header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "meta": meta_json,
                   "payload_sha256": payload_sha256(meta_json, tensors)}
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                                   prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        folder, prefix = os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}."
+        remove_stale_temps(folder, prefix)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
         try:
-            os.close(fd)
+            _lock(fd)  # held while the file is written: a concurrent save sees it is not stale
             save_file(tensors, tmp, metadata=header)
             with open(tmp, "r+b") as f:  # on disk before the rename makes it visible
                 os.fsync(f.fileno())
@@ -182,32 +182,40 @@ class TaskMemory:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+        finally:
+            os.close(fd)
         return size
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TaskMemory:
-        """Read and validate a memory file; every problem is a one-line MemoryFileError naming the file."""
+        """Read and validate a memory file; every problem is a one-line MemoryFileError naming the file.
+        The order of the checks is in validate.py: nothing is allocated from a size the file does not back."""
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise MemoryFileError(f"{path}: no such memory file" if not os.path.exists(path) else
-                                  f"{path}: is a folder, not a memory file")
         try:
+            if not os.path.isfile(path):
+                raise MemoryFileError(f"{path}: no such memory file" if not os.path.exists(path) else
+                                      f"{path}: is a folder, not a memory file")
+            raw = validate.read_raw_header(path, os.path.getsize(path))
             with safe_open(path, framework="np") as f:
                 header = f.metadata() or {}
-                _check_header(header, path)  # before reading tensors: a wrong file may be huge
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except (SafetensorError, OSError, ValueError, TypeError) as e:  # MemoryFileError passes through
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                validate.check_header(header, path)  # before reading tensors: a wrong file may be huge
+                tensors = {name: f.get_tensor(name) for name in raw}
+        except MemoryFileError as e:
+            raise e if str(e).startswith(f"{path}: ") else MemoryFileError(f"{path}: {e}") from None
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             raise MemoryFileError(f"{path}: not a readable safetensors file ({reason}); "
                                   "it is truncated or not an emloc-edge memory") from None
         digest = payload_sha256(header["meta"], tensors)
         if digest != header["payload_sha256"]:
             raise MemoryFileError(f"{path}: checksum mismatch (payload sha256 {digest[:12]}..., header says "
-                                  f"{header['payload_sha256'][:12]}...); the file is corrupt")
+                                  f"{header['payload_sha256'][:12]!r}...); the file is corrupt")
         try:  # the checksum matched, but the writer may still be buggy or another program
             meta = _meta_from_json(header["meta"])
+            validate.check_tensors(meta, {name: (t.dtype, t.shape) for name, t in tensors.items()})
+            validate.check_values(tensors)
             return cls(meta, _layers_from_tensors(meta, tensors))
-        except _FieldError as e:
+        except FieldError as e:
             raise MemoryFileError(f"{path}: {e}") from None
 
     def summary(self, file_bytes: int | None = None) -> dict:
@@ -233,6 +241,39 @@ class TaskMemory:
                 f"not for the given model {given}({fingerprint[:12]}); recompile the memory for this model")
 
 
+def remove_stale_temps(folder: str, prefix: str) -> list[str]:
+    """Remove `prefix` + 8 characters + `.tmp` files (our save's temp names) that no live save holds locked."""
+    if fcntl is None:  # no advisory locks (Windows): leave them, a crash there is rare enough
+        return []
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp") and len(name) == len(prefix) + 12):
+            continue
+        full = os.path.join(folder, name)
+        try:
+            fd = os.open(full, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its writer is alive
+            os.unlink(full)
+            removed.append(full)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _lock(fd: int) -> None:
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+
 def payload_sha256(meta_json: str, tensors: dict[str, np.ndarray]) -> str:
     """sha256 over the meta JSON, then each tensor's name, dtype, shape and little-endian bytes, by name."""
     h = hashlib.sha256(meta_json.encode("utf-8"))
@@ -243,131 +284,23 @@ def payload_sha256(meta_json: str, tensors: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-# ---- validation: nothing from the header is trusted before it passes these ----
-
-_NUM, _INT, _STR = (int, float), (int,), (str,)
-_META_TYPES = {
-    "model_name": _STR, "model_family": _STR, "model_fingerprint": _STR, "num_layers": _INT,
-    "num_kv_heads": _INT, "head_dim": _INT, "precision": _STR, "position_offset": _INT,
-    "position_dims": _INT, "context_tokens": _INT, "hyperparameters": (dict,), "template": (dict,),
-    "image_preprocessing": (dict, type(None)), "chunks": (list,), "created_by": _STR,
-}
-_HYPER_TYPES = {"delta": _NUM + _STR, "ratios": (list,), "chunk_size": _INT}  # other keys are free
-_CHUNK_TYPES = {"demos": _INT, "tokens": _INT, "kept_per_layer": (list,), "ratio_per_layer": (list,),
-                "js_per_layer": (list,), "final_js": _NUM + _STR}
-_CHUNK_ITEM_TYPES = {"kept_per_layer": _INT, "ratio_per_layer": _NUM + _STR,
-                     "js_per_layer": _NUM + _STR + (type(None),)}
-
-
-def _check_header(header: dict, path: str) -> None:
-    if header.get("format") != FORMAT_NAME:
-        raise MemoryFileError(f"{path}: not an emloc-edge memory (header format is {header.get('format')!r}, "
-                              f"expected {FORMAT_NAME!r})")
-    version = header.get("format_version", "")
-    if not version.isdigit() or int(version) not in SUPPORTED_VERSIONS:
-        raise MemoryFileError(f"{path}: memory format version {version!r} is not supported (this emloc-edge reads "
-                              f"version {', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade or recompile the memory")
-    for key in ("meta", "payload_sha256"):
-        if key not in header:
-            raise MemoryFileError(f"{path}: header has no {key!r} entry; the file is corrupt")
+def _layers_from_tensors(meta: MemoryMeta, tensors: dict[str, np.ndarray]) -> list[LayerMemory]:
+    """The layers of a memory whose tensors passed validate.check_tensors."""
+    return [LayerMemory(**{part: tensors.get(f"layers.{i}.{part}") for part in _PARTS},
+                        segment_lengths=tuple(int(c.kept_per_layer[i]) for c in meta.chunks))
+            for i in range(meta.num_layers)]
 
 
 def _meta_from_json(text: str) -> MemoryMeta:
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _FieldError(f"meta is not valid JSON ({e})") from None
-    _check_meta(d)  # after this, every float string is one of "inf" / "-inf" / "nan"
+    d = validate.parse_meta(text)  # after this, every float string is one of "inf" / "-inf" / "nan"
     d["hyperparameters"]["delta"] = float(d["hyperparameters"]["delta"])
     return MemoryMeta(**{**d, "chunks": [_chunk_from_json(c) for c in d["chunks"]]})
 
 
 def _chunk_from_json(c: dict) -> ChunkRecord:
-    """Inverse of _chunk_json, for a dict that passed _check_chunk ("inf" strings become floats)."""
+    """Inverse of _chunk_json, for a dict that passed check_chunk ("inf" strings become floats)."""
     ratios, js = [float(r) for r in c["ratio_per_layer"]], [None if j is None else float(j) for j in c["js_per_layer"]]
     return ChunkRecord(**{**c, "ratio_per_layer": ratios, "js_per_layer": js, "final_js": float(c["final_js"])})
-
-
-def _check_meta(d: object) -> None:
-    """Check the JSON form of MemoryMeta: every field present, of the right type and in range."""
-    _check_fields(d, _META_TYPES, "meta", exact=True)
-    for name, low in (("num_layers", 1), ("num_kv_heads", 1), ("head_dim", 1), ("position_dims", 1),
-                      ("position_offset", 0), ("context_tokens", 0)):
-        if d[name] < low:
-            raise _FieldError(f"meta.{name} must be >= {low}, got {d[name]}")
-    if d["precision"] not in PRECISIONS:
-        raise _FieldError(f"meta.precision must be one of {', '.join(PRECISIONS)}, got {d['precision']!r}")
-    hp = d["hyperparameters"]
-    _check_fields(hp, _HYPER_TYPES, "meta.hyperparameters", exact=False)
-    for r in hp["ratios"]:
-        _check_type(r, _NUM, "meta.hyperparameters.ratios[]")
-    _check_float_str(hp["delta"], "meta.hyperparameters.delta")
-    for k, c in enumerate(d["chunks"]):
-        _check_chunk(c, f"meta.chunks[{k}]", d["num_layers"])
-
-
-def _check_chunk(c: object, where: str, num_layers: int) -> None:
-    _check_fields(c, _CHUNK_TYPES, where, exact=True)
-    for name, item_types in _CHUNK_ITEM_TYPES.items():
-        if len(c[name]) != num_layers:
-            raise _FieldError(f"{where}.{name} has {len(c[name])} entries, expected num_layers = {num_layers}")
-        for x in c[name]:
-            _check_type(x, item_types, f"{where}.{name}[]")
-            _check_float_str(x, f"{where}.{name}[]")
-    _check_float_str(c["final_js"], f"{where}.final_js")
-    if c["demos"] < 0 or c["tokens"] < 0 or any(not 0 <= k <= c["tokens"] for k in c["kept_per_layer"]):
-        raise _FieldError(f"{where}: demos, tokens and kept_per_layer must be >= 0, and kept <= tokens")
-
-
-def _check_fields(d: object, types: dict[str, tuple], where: str, exact: bool) -> None:
-    if not isinstance(d, dict):
-        raise _FieldError(f"{where} must be a JSON object, got {type(d).__name__}")
-    for name, typ in types.items():
-        if name not in d:
-            raise _FieldError(f"{where} field {name!r} is missing")
-        _check_type(d[name], typ, f"{where}.{name}")
-    if exact and set(d) - set(types):
-        raise _FieldError(f"{where} has unexpected field(s) {', '.join(sorted(set(d) - set(types)))}")
-
-
-def _check_type(x: object, types: tuple, where: str) -> None:
-    if isinstance(x, bool) or not isinstance(x, types):  # JSON true/false is never a valid value here
-        names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-        raise _FieldError(f"{where} must be {names}, got {type(x).__name__} {x!r:.40}")
-
-
-def _expected_tensors(meta: MemoryMeta) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
-    """Name -> (dtype, shape) of every tensor the file must hold, from the (already checked) meta."""
-    kv, hd, segs, dtype = meta.num_kv_heads, meta.head_dim, len(meta.chunks), STORED_DTYPES[meta.precision]
-    f32, out = np.dtype(np.float32), {}
-    for i, n in enumerate(meta.kept_tokens_per_layer):
-        out[f"layers.{i}.key_t"] = (dtype, (kv, hd, n))
-        out[f"layers.{i}.value"] = (dtype, (kv, n, hd))
-        out[f"layers.{i}.token_index"] = (np.dtype(np.int32), (kv, n))
-        if meta.precision == "int8":
-            out[f"layers.{i}.key_scale"] = (f32, (kv, hd, segs))
-            out[f"layers.{i}.value_scale"] = (f32, (kv, n, 1))
-    return out
-
-
-def _layers_from_tensors(meta: MemoryMeta, tensors: dict[str, np.ndarray]) -> list[LayerMemory]:
-    expected = _expected_tensors(meta)
-    for name, (dtype, shape) in expected.items():
-        t = tensors.get(name)
-        if t is None:
-            raise _FieldError(f"tensor {name!r} is missing")
-        if t.dtype != dtype:
-            raise _FieldError(f"tensor {name!r} has dtype {t.dtype}, expected {dtype} "
-                              f"for precision {meta.precision}")
-        if t.shape != shape:
-            raise _FieldError(f"tensor {name!r} has shape {list(t.shape)}, expected {list(shape)} "
-                              "from num_kv_heads, head_dim and the chunks' kept_per_layer")
-    extra = sorted(set(tensors) - set(expected))
-    if extra:
-        raise _FieldError(f"unexpected tensor(s) {', '.join(extra[:3])}")
-    return [LayerMemory(**{part: tensors.get(f"layers.{i}.{part}") for part in _PARTS},
-                        segment_lengths=tuple(int(c.kept_per_layer[i]) for c in meta.chunks))
-            for i in range(meta.num_layers)]
 
 
 def _chunk_json(c: ChunkRecord) -> dict:
@@ -390,8 +323,3 @@ def _float_out(x: object) -> object:
         return str(float(x))
     return x
 
-
-def _check_float_str(x: object, where: str) -> None:
-    """Reject float strings other than the three that _float_out writes."""
-    if isinstance(x, str) and x not in ("inf", "-inf", "nan"):
-        raise _FieldError(f"{where} must be a number or 'inf' / '-inf' / 'nan', got {x!r:.40}")

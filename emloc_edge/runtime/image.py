@@ -63,14 +63,21 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> "_PILImage.Im
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     path = Path(path)
     where = str(path)
-    if not path.exists():
+    try:
+        exists, is_file = path.exists(), path.is_file()
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte
+        raise BadInputError(f"{where[:300]}: unusable image path ({_one_line(getattr(e, 'strerror', None) or e)})") from None
+    if not exists:
         raise BadInputError(f"{where}: image file not found")
-    if not path.is_file():
+    if not is_file:
         raise BadInputError(f"{where}: image path is not a file")
     try:
         with warnings.catch_warnings():
-            # Pillow warns (DecompressionBombWarning) between its limit and 2x, errors above: make both an
-            # error here, and check our own limit explicitly from the header size before decoding.
+            # Pillow's other warnings (e.g. "Corrupt EXIF data") must not reach a user's stderr: the image
+            # either decodes (and is used) or fails (and is refused). It warns DecompressionBombWarning
+            # between its limit and 2x, errors above: both are an error here, and our own limit is checked
+            # explicitly from the header size before decoding.
+            warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 w, h = im.size
@@ -96,7 +103,8 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> "_PILImage.Im
     except OSError as e:
         # Pillow reports truncated / corrupt data as OSError ("image file is truncated", "broken data stream").
         raise BadInputError(f"{where}: image is truncated or corrupt ({_one_line(e)})") from None
-    except (ValueError, SyntaxError, EOFError, struct.error) as e:  # malformed headers in some plugins
+    except (ValueError, SyntaxError, EOFError, struct.error, IndexError, KeyError, TypeError, ZeroDivisionError,
+            OverflowError, RecursionError, MemoryError) as e:  # what some plugins raise on malformed headers
         raise BadInputError(f"{where}: image is corrupt ({_one_line(e) or type(e).__name__})") from None
     return rgb
 

@@ -74,7 +74,8 @@ class ModelFolder:
         return "vision" in self.manifest["graphs"]
 
     def check_memory(self, memory, memory_path: Path) -> None:
-        """Refuse a task memory compiled with other weights than this folder was exported from."""
+        """Refuse a task memory compiled with other weights than this folder was exported from, or one whose
+        geometry, positions, template or image settings this folder's graphs cannot run with."""
         mine = self.manifest["model_fingerprint"]
         if memory.meta.model_fingerprint != mine:
             raise ModelMismatchError(
@@ -82,3 +83,29 @@ class ModelFolder:
                 f"({memory.meta.model_fingerprint[:12]}), but {self.path} holds {self.manifest['model_name']} "
                 f"({mine[:12]}); compile the memory with this model or export the memory's model"
             )
+        problem = memory_problem(memory.meta, self.manifest)
+        if problem:
+            raise ModelMismatchError(f"{memory_path}: {problem}, so {self.path} cannot run it; the memory "
+                                     "was not written by emloc-edge compile for this model")
+
+
+def memory_problem(meta, manifest: dict) -> str | None:
+    """What makes a memory (its MemoryMeta) unusable with this manifest's graphs, or None."""
+    g = manifest["geometry"]
+    for name in ("num_layers", "num_kv_heads", "head_dim", "position_dims"):
+        if getattr(meta, name) != g.get(name):
+            return f"meta.{name} is {getattr(meta, name)}, the model's is {g.get(name)}"
+    if meta.model_family != manifest["model_family"]:
+        return f"meta.model_family is {meta.model_family!r:.40}, the model's is {manifest['model_family']!r}"
+    if not isinstance(g.get("max_positions"), int) or meta.position_offset >= g["max_positions"]:
+        return f"meta.position_offset {meta.position_offset} leaves no room in the model's {g.get('max_positions')} positions"
+    template = meta.template
+    for key, value in manifest["template"].items():
+        if template.get(key, None) != value:
+            return f"meta.template.{key} is missing or differs from the model's"
+    question = template.get("default_question")
+    if question is not None and not isinstance(question, str):
+        return "meta.template.default_question is not a string"
+    if manifest.get("image_preprocessing") is not None and meta.image_preprocessing != manifest["image_preprocessing"]:
+        return "meta.image_preprocessing differs from the model's"
+    return None
