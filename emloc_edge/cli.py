@@ -51,7 +51,9 @@ def handle_errors(fn):
         except (EmlocError, OSError) as e:
             if os.environ.get("EMLOC_EDGE_DEBUG"):
                 raise
-            click.echo(f"error: {_one_line(e)}".splitlines()[0], err=True)
+            line = f"error: {_one_line(e)}".splitlines()[0]
+            # a path from the file system may hold lone surrogates (non-UTF-8 names): show them escaped
+            click.echo(line.encode("utf-8", "backslashreplace").decode("utf-8"), err=True)
             sys.exit(getattr(e, "exit_code", EXIT_BAD_INPUT))
 
     return wrapper

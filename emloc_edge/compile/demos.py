@@ -308,6 +308,7 @@ def _load_imagefolder(shown_dir: Path, root: Path, class_dirs: list[str], questi
         shown_cls = shown_dir / name
         if not name.strip():
             raise BadInputError(f"{shown_cls}: class folder name (the answer) is blank")
+        _check_text(name, "class folder name (the answer)", repr(str(shown_cls))[1:-1])
         items: list[Demo] = []
         for entry in sorted(os.listdir(root / name)):
             if entry.startswith("."):

@@ -12,6 +12,7 @@ runtime, so both sides see identical pixels for the same file.
 """
 from __future__ import annotations
 
+import logging
 import math
 import struct
 import warnings
@@ -26,6 +27,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as _PILImage
 
 __all__ = ["MAX_IMAGE_PIXELS", "load_image", "to_rgb", "smart_resize", "preprocess", "preprocess_square"]
+
+# Pillow also *logs* some problems (e.g. TIFF "More samples per pixel than can be decoded"); with no handler
+# configured, Python's last-resort handler would print them on a user's stderr next to our one-line error.
+logging.getLogger("PIL").addHandler(logging.NullHandler())
 
 #: Largest image (width * height) accepted; larger files are refused as possible decompression bombs.
 MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default warning threshold (~ 0.25 GiB at 3 bytes/pixel)

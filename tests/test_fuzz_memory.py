@@ -1,0 +1,423 @@
+"""Property/fuzz tests of the memory loader: every crafted file loads and is usable, or is one MemoryFileError.
+
+Families (cases per run = max_examples, reported in the issue's closing note):
+    META      resealed meta JSON: fields replaced by any JSON value, raw text (deep nesting, 5,000-digit ints)
+    TENSORS   resealed tensors: any dtype (also F8/BF16, which numpy lacks), shape, NaN/inf, negative indices
+    HEADER    the raw safetensors header: length field, offsets, dtype strings, JSON
+    DAMAGE    random byte flips, truncation, appended bytes (no reseal: the checksum or the parser catches them)
+    RUNTIME   memories the loader accepts, checked against a model manifest: accepted ones are usable
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from emloc_edge.errors import EmlocError, MemoryFileError, ModelMismatchError
+from emloc_edge.memory import FORMAT_NAME, TaskMemory, payload_sha256
+from emloc_edge.runtime.memory_inputs import memory_feeds
+from emloc_edge.runtime.model_folder import ModelFolder
+from emloc_edge.runtime.positions import mrope_positions, text_positions
+from test_memory import FINGERPRINT, build, make_meta
+
+META_EXAMPLES, TENSOR_EXAMPLES, HEADER_EXAMPLES, DAMAGE_EXAMPLES, RUNTIME_EXAMPLES = 300, 200, 150, 300, 200
+FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+BASE = build("int8", [[5, 10, 1], [2, 0, 4]])
+BASE_TENSORS = BASE.tensors()
+BASE_META = json.loads(BASE.meta.to_json())
+RAW = "\x00RAW\x00"  # placeholder replaced by raw JSON text after json.dumps
+
+# ----------------------------------------------------------------------------------------- helpers
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from([2**31, 2**63, 2**64, 10**6, 10**8, -1, 0, 1, 3, "inf", "nan", "-inf", "int8", "", "\ud800"])
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+raw_values = st.sampled_from(["[" * 5000 + "]" * 5000, "1" * 5000, "-" + "9" * 4500, "1e999999", "{" * 100 + "}" * 100,
+                              '{"a":' * 40 + "1" + "}" * 40, "[" * 40 + "]" * 40])
+
+
+def _paths(obj, prefix=()):
+    """Every path (tuple of keys/indices) into a JSON value."""
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _paths(v, prefix + (i,))
+
+
+META_PATHS = [p for p in _paths(BASE_META) if p]
+
+
+def _set(obj, path, value):
+    for key in path[:-1]:
+        obj = obj[key]
+    if value is _DELETE:
+        del obj[path[-1]]
+    else:
+        obj[path[-1]] = value
+
+
+_DELETE = object()
+
+
+@st.composite
+def crafted_meta_text(draw) -> str:
+    meta = json.loads(json.dumps(BASE_META))
+    raw = None
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(META_PATHS))
+        try:
+            kind = draw(st.sampled_from(["value", "value", "raw", "delete"]))
+            value = {"value": lambda: draw(json_values), "raw": lambda: RAW, "delete": lambda: _DELETE}[kind]()
+            if value is RAW:
+                raw = draw(raw_values)
+            _set(meta, path, value)
+        except (KeyError, IndexError, TypeError):  # an earlier edit removed or replaced this path
+            pass
+    if draw(st.booleans()):
+        meta[draw(st.sampled_from(["extra", "num_layers", "position_offset"]))] = draw(json_values)
+    text = json.dumps(meta)
+    return text.replace(json.dumps(RAW), raw) if raw is not None else text
+
+
+def write_raw(path: Path, tensors: dict, meta_text: str, **header) -> None:
+    """A resealed file: any meta text, any numpy tensors, with a valid payload_sha256."""
+    from safetensors.numpy import save_file
+
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    meta = {"format": FORMAT_NAME, "format_version": "1", "meta": meta_text,
+            "payload_sha256": payload_sha256(meta_text, tensors), **header}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def raw_safetensors(entries: dict[str, tuple[str, list[int], bytes]], metadata: dict | None) -> bytes:
+    """A safetensors file by hand, so that any dtype string (F8_E4M3, BF16, ...) can be written."""
+    header, data = {}, b""
+    for name, (dtype, shape, blob) in entries.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(blob)]}
+        data += blob
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def assert_loads_or_one_line(path: Path) -> TaskMemory | None:
+    """The property every family checks: a usable memory, or one MemoryFileError line naming the file."""
+    try:
+        memory = TaskMemory.load(path)
+    except MemoryFileError as e:
+        msg = str(e)
+        assert msg.startswith(f"{path}: ") and "\n" not in msg and len(msg) < 1000, msg
+        return None
+    exercise(memory)
+    return memory
+
+
+def exercise(memory: TaskMemory) -> None:
+    """What inspect and the runtime do with a loaded memory must not raise."""
+    json.dumps(memory.summary(file_bytes=1), allow_nan=False, default=str)
+    memory.meta.to_json()
+    for variant in (["decoder_step", "decoder_step_q8"] if memory.meta.precision == "int8" else ["decoder_step"]):
+        feeds = memory_feeds(memory, variant)
+        assert all(np.isfinite(v).all() for v in feeds.values() if v.dtype.kind == "f")
+
+
+def _tmp():
+    return tempfile.TemporaryDirectory(prefix="fuzzmem")
+
+
+# ------------------------------------------------------------------------------------------ families
+@settings(max_examples=META_EXAMPLES, **FUZZ)
+@given(meta_text=crafted_meta_text())
+def test_resealed_meta_loads_or_is_one_line(meta_text):
+    with _tmp() as d:
+        path = Path(d) / "m.emloc"
+        write_raw(path, BASE_TENSORS, meta_text)
+        assert_loads_or_one_line(path)
+
+
+dtypes = st.sampled_from(["int8", "int16", "int32", "int64", "uint8", "float16", "float32", "float64", "bool"])
+
+
+@st.composite
+def crafted_tensors(draw) -> dict:
+    tensors = dict(BASE_TENSORS)
+    for _ in range(draw(st.integers(1, 3))):
+        name = draw(st.sampled_from(sorted(tensors) + ["layers.3.key_t", "layers.0.extra", "x"]))
+        kind = draw(st.sampled_from(["values", "values", "dtype", "shape", "delete"]))
+        old = tensors.get(name, np.zeros((2, 8, 1), np.float32))
+        if kind == "delete":
+            tensors.pop(name, None)
+        elif kind == "dtype":
+            tensors[name] = old.astype(draw(dtypes))
+        elif kind == "shape":
+            shape = draw(st.lists(st.integers(0, 12), min_size=0, max_size=4))
+            tensors[name] = np.zeros(shape, draw(dtypes))
+        else:
+            special = draw(st.sampled_from([np.nan, np.inf, -np.inf, -1, 0, -(2**31), 2**31 - 1, 1e30, -0.0]))
+            t = old.copy()
+            if t.size:
+                flat = t.reshape(-1)
+                with np.errstate(all="ignore"):
+                    flat[draw(st.integers(0, t.size - 1))] = np.asarray(special).astype(t.dtype) if t.dtype.kind != "f" \
+                        else special
+            tensors[name] = t
+    return tensors
+
+
+@settings(max_examples=TENSOR_EXAMPLES, **FUZZ)
+@given(tensors=crafted_tensors())
+def test_resealed_tensors_load_or_are_one_line(tensors):
+    with _tmp() as d:
+        path = Path(d) / "m.emloc"
+        write_raw(path, tensors, BASE.meta.to_json())
+        memory = assert_loads_or_one_line(path)
+        if memory is not None:  # accepted: then it holds exactly what the file holds, all finite and in range
+            for layer in memory.layers:
+                assert (layer.token_index >= 0).all()
+
+
+@st.composite
+def crafted_header(draw) -> bytes:
+    entries = {name: (dtype, list(t.shape), t.tobytes()) for name, t in BASE_TENSORS.items()
+               for dtype in [{"int8": "I8", "float32": "F32", "int32": "I32"}[t.dtype.name]]}
+    name = draw(st.sampled_from(sorted(entries)))
+    dtype, shape, blob = entries[name]
+    kind = draw(st.sampled_from(["dtype", "shape", "blob", "metadata", "length", "offsets"]))
+    metadata = {"format": FORMAT_NAME, "format_version": "1", "meta": BASE.meta.to_json(),
+                "payload_sha256": payload_sha256(BASE.meta.to_json(), BASE_TENSORS)}
+    if kind == "dtype":
+        entries[name] = (draw(st.sampled_from(["F8_E4M3", "F8_E5M2", "BF16", "F4", "F6_E2M3", "C64", "XX", "U8"])), shape, blob)
+    elif kind == "shape":
+        entries[name] = (dtype, draw(st.lists(st.integers(0, 2**70), max_size=5)), blob)
+    elif kind == "blob":
+        entries[name] = (dtype, shape, blob[: draw(st.integers(0, len(blob)))])
+    elif kind == "metadata":
+        metadata = draw(st.none() | st.dictionaries(st.text(max_size=5), json_values, max_size=3))
+    data = raw_safetensors(entries, metadata)
+    if kind == "length":
+        data = struct.pack("<Q", draw(st.sampled_from([0, 1, 2**63, 2**64 - 1, len(data), 10**8]))) + data[8:]
+    elif kind == "offsets":
+        data = data.replace(b'"data_offsets": [0, ', f'"data_offsets": [{draw(st.integers(0, 2**66))}, '.encode(), 1)
+    return data
+
+
+@settings(max_examples=HEADER_EXAMPLES, **FUZZ)
+@given(data=crafted_header())
+def test_crafted_raw_header_loads_or_is_one_line(data):
+    with _tmp() as d:
+        path = Path(d) / "m.emloc"
+        path.write_bytes(data)
+        assert_loads_or_one_line(path)
+
+
+GOOD_BYTES = None
+
+
+def _good_bytes() -> bytes:
+    global GOOD_BYTES
+    if GOOD_BYTES is None:
+        with _tmp() as d:
+            BASE.save(Path(d) / "m.emloc")
+            GOOD_BYTES = (Path(d) / "m.emloc").read_bytes()
+    return GOOD_BYTES
+
+
+@settings(max_examples=DAMAGE_EXAMPLES, **FUZZ)
+@given(kind=st.sampled_from(["flip", "truncate", "append"]), where=st.floats(0, 1), bit=st.integers(0, 7),
+       extra=st.binary(min_size=1, max_size=64))
+def test_flipped_truncated_or_appended_bytes_are_refused(kind, where, bit, extra):
+    good = _good_bytes()
+    i = min(int(where * len(good)), len(good) - 1)
+    damaged = {"flip": lambda: good[:i] + bytes([good[i] ^ (1 << bit)]) + good[i + 1:],
+               "truncate": lambda: good[:i], "append": lambda: good + extra}[kind]()
+    with _tmp() as d:
+        path = Path(d) / "m.emloc"
+        path.write_bytes(damaged)
+        memory = assert_loads_or_one_line(path)
+        # A flip inside the JSON's insignificant bytes cannot exist (it is compact), so nothing damaged loads,
+        # except a flip that JSON reads the same (e.g. inside a string of the free-form template).
+        if memory is not None:
+            assert kind == "flip" and memory.meta.model_fingerprint == BASE.meta.model_fingerprint
+
+
+# ---- memories the runtime cannot use: checked against the model folder's manifest at load ----
+
+def _manifest(meta) -> dict:
+    return {"model_fingerprint": FINGERPRINT, "model_name": meta.model_name, "model_family": meta.model_family,
+            "geometry": {"num_layers": 3, "num_kv_heads": 2, "head_dim": 8, "position_dims": 3,
+                         "max_positions": 4096, "vocab_size": 151646},
+            "template": {k: v for k, v in meta.template.items() if k != "default_question"},
+            "image_preprocessing": meta.image_preprocessing}
+
+
+RUNTIME_META = make_meta("int8", num_layers=3)
+RUNTIME_META.template = {"query_text": ["<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"],
+                         "query_image": ["<|im_start|>user\n<|image_pad|>", "<|im_end|>\n<|im_start|>assistant\n"],
+                         "end_of_turn": "<|im_end|>", "stop_token_ids": [151643, 151645]}
+RUNTIME_META.image_preprocessing = {"image_token": "<|image_pad|>", "merge_size": 2, "patch_size": 14}
+MANIFEST = _manifest(RUNTIME_META)
+
+
+@st.composite
+def runtime_meta(draw) -> str:
+    meta = json.loads(RUNTIME_META.to_json())
+    field = draw(st.sampled_from(["position_offset", "position_dims", "num_layers", "num_kv_heads", "head_dim",
+                                  "model_family", "template", "template.key", "image_preprocessing"]))
+    if field == "position_offset":
+        meta[field] = draw(st.sampled_from([2**63, 2**64, 2**31 - 1, 4095, 4096, 0, 10]) | st.integers(0, 2**80))
+    elif field == "template":
+        meta[field] = draw(st.dictionaries(st.sampled_from(list(meta["template"]) + ["default_question"]),
+                                           json_values, max_size=5))
+    elif field == "template.key":
+        key = draw(st.sampled_from(list(meta["template"]) + ["default_question"]))
+        if draw(st.booleans()):
+            meta["template"].pop(key, None)
+        else:
+            meta["template"][key] = draw(json_values | st.just(None))
+    elif field == "image_preprocessing":
+        meta[field] = draw(st.none() | st.dictionaries(st.text(max_size=6), json_values, max_size=3))
+    elif field == "model_family":
+        meta[field] = draw(st.sampled_from(["llama", "qwen2_5_vl", "qwen2_vl"]))
+    else:
+        meta[field] = draw(st.integers(1, 4))
+    return json.dumps(meta)
+
+
+@settings(max_examples=RUNTIME_EXAMPLES, **FUZZ)
+@given(meta_text=runtime_meta())
+def test_memory_the_model_folder_accepts_is_usable(meta_text):
+    """check_memory passes only memories whose positions, template and geometry the runtime can run."""
+    meta = json.loads(meta_text)
+    n = meta["num_layers"] if isinstance(meta["num_layers"], int) and 0 < meta["num_layers"] < 6 else 3
+    memory = TaskMemory.empty(make_meta("int8", num_layers=n))
+    tensors = {name: t for name, t in memory.tensors().items()}
+    with _tmp() as d:
+        path = Path(d) / "m.emloc"
+        write_raw(path, tensors, meta_text)
+        loaded = assert_loads_or_one_line(path)
+        if loaded is None:
+            return
+        folder = ModelFolder(Path(d), MANIFEST)
+        try:
+            folder.check_memory(loaded, path)
+        except ModelMismatchError as e:
+            assert str(e).startswith(f"{path}: ") and "\n" not in str(e)
+            return
+    m = loaded.meta  # accepted: everything render_query and the decode loop read works
+    prefix, suffix = m.template["query_text"]
+    assert isinstance(prefix + "q" + suffix, str)
+    assert set(m.template["stop_token_ids"]) and all(isinstance(i, int) for i in m.template["stop_token_ids"])
+    ids = np.arange(5)
+    positions = text_positions(5, m.position_offset) if m.position_dims == 1 else mrope_positions(ids, -1, [], 1, m.position_offset)
+    assert positions.max() < MANIFEST["geometry"]["max_positions"] + 5
+    assert (m.num_layers, m.num_kv_heads, m.head_dim, m.position_dims) == (3, 2, 8, 3)
+    assert m.image_preprocessing == MANIFEST["image_preprocessing"]
+
+
+# ---- the instances the issue lists, each once, by name ----
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda t: t.replace('"num_layers": 3', '"num_layers": 100000000'), "num_layers"),
+    (lambda t: t.replace('"num_layers": 3', '"num_layers": ' + "1" * 5000), "meta is not valid JSON"),
+    (lambda t: t.replace('"chunk_size": 4', '"chunk_size": ' + "[" * 5000 + "]" * 5000), "meta is not valid JSON"),
+    (lambda t: t.replace('"chunk_size": 4', '"chunk_size": {"a": ' + "[" * 100 + "]" * 100 + "}"), "nested deeper"),
+    (lambda t: t.replace('"position_offset": 20', '"position_offset": 9223372036854775808'), "position_offset"),
+])
+def test_listed_meta_instances(tmp_path, edit, named):
+    path = tmp_path / "m.emloc"
+    text = edit(BASE.meta.to_json())
+    assert text != BASE.meta.to_json()
+    write_raw(path, BASE_TENSORS, text)
+    with pytest.raises(MemoryFileError, match=named):
+        TaskMemory.load(path)
+
+
+@pytest.mark.parametrize("dtype", ["F8_E4M3", "F8_E5M2", "BF16"])
+def test_dtypes_numpy_lacks_are_one_line(tmp_path, dtype):
+    entries = {name: ("I8" if t.dtype == np.int8 else "F32" if t.dtype == np.float32 else "I32", list(t.shape), t.tobytes())
+               for name, t in BASE_TENSORS.items()}
+    entries["layers.0.key_t"] = (dtype, [2, 8, 3], b"\0" * (48 if dtype.startswith("F8") else 96))
+    meta = {"format": FORMAT_NAME, "format_version": "1", "meta": BASE.meta.to_json(), "payload_sha256": "0" * 64}
+    (tmp_path / "m.emloc").write_bytes(raw_safetensors(entries, meta))
+    with pytest.raises(MemoryFileError, match=f"dtype '{dtype}'"):
+        TaskMemory.load(tmp_path / "m.emloc")
+
+
+@pytest.mark.parametrize("name, value, named", [
+    ("layers.0.key_scale", np.nan, "scale"), ("layers.1.value_scale", np.inf, "scale"),
+    ("layers.2.token_index", -1, "negative token index"),
+])
+def test_non_finite_scales_and_negative_index_are_refused(tmp_path, name, value, named):
+    tensors = {k: v.copy() for k, v in BASE_TENSORS.items()}
+    tensors[name].reshape(-1)[0] = value
+    write_raw(tmp_path / "m.emloc", tensors, BASE.meta.to_json())
+    with pytest.raises(MemoryFileError, match=named):
+        TaskMemory.load(tmp_path / "m.emloc")
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_non_finite_values_are_refused(tmp_path, precision):
+    memory = build(precision, [[3, 2, 1]])
+    tensors = memory.tensors()
+    tensors["layers.0.value"].reshape(-1)[1] = np.nan
+    write_raw(tmp_path / "m.emloc", tensors, memory.meta.to_json())
+    with pytest.raises(MemoryFileError, match="NaN or inf"):
+        TaskMemory.load(tmp_path / "m.emloc")
+
+
+def test_stale_temp_files_are_removed_by_the_next_save(tmp_path):
+    path = tmp_path / "task.emloc"
+    BASE.save(path)
+    stale = tmp_path / ".task.emloc.abcd1234.tmp"  # what a save killed before its rename leaves
+    stale.write_bytes(b"half")
+    other = tmp_path / ".other.emloc.abcd1234.tmp"  # another file's temp: not ours to remove
+    other.write_bytes(b"x")
+    BASE.save(path)
+    assert sorted(os.listdir(tmp_path)) == [".other.emloc.abcd1234.tmp", "task.emloc"]
+    TaskMemory.load(path)
+
+
+def test_a_temp_file_a_live_save_holds_is_kept(tmp_path):
+    import fcntl
+
+    from emloc_edge.memory.format import remove_stale_temps
+
+    live = tmp_path / ".task.emloc.live5678.tmp"
+    live.write_bytes(b"being written")
+    with open(live, "rb") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        assert remove_stale_temps(str(tmp_path), ".task.emloc.") == []
+    assert remove_stale_temps(str(tmp_path), ".task.emloc.") == [str(live)]
+
+
+def test_runtime_refuses_what_the_loader_accepts_but_the_model_cannot_run(tmp_path):
+    """The listed instances: position_offset >= 2**63 (as int, refused at load), a template without
+    stop_token_ids, query_text null or of the wrong arity, position_dims that disagree with the model."""
+    folder = ModelFolder(tmp_path, MANIFEST)
+    cases = [("template", {**RUNTIME_META.template, "stop_token_ids": None}, "stop_token_ids"),
+             ("template", {k: v for k, v in RUNTIME_META.template.items() if k != "stop_token_ids"}, "stop_token_ids"),
+             ("template", {**RUNTIME_META.template, "query_text": None}, "query_text"),
+             ("template", {**RUNTIME_META.template, "query_text": ["a", "b", "c"]}, "query_text"),
+             ("position_dims", 1, "position_dims"), ("position_offset", 5000, "position_offset")]
+    for field, value, named in cases:
+        meta = json.loads(RUNTIME_META.to_json())
+        meta[field] = value
+        write_raw(tmp_path / "m.emloc", TaskMemory.empty(RUNTIME_META).tensors(), json.dumps(meta))
+        memory = TaskMemory.load(tmp_path / "m.emloc")
+        with pytest.raises(ModelMismatchError, match=named):
+            folder.check_memory(memory, tmp_path / "m.emloc")
+    assert issubclass(ModelMismatchError, EmlocError)
