@@ -125,8 +125,6 @@ def _tokenizer(folder: Path, cls):
 @given(question=st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=30),
        max_new=st.integers(1, 12))
 def test_session_stream_equals_answer_text(tiny_export, question, max_new):
-    from emloc_edge.runtime import EdgeSession
-
     session = _session(*tiny_export)
     whole = session.answer(None, question, max_new_tokens=max_new)
     assert "".join(session.stream(None, question, max_new_tokens=max_new)) == whole.text
@@ -141,3 +139,39 @@ def _session(memory: Path, model: Path):
     if model not in _SESSIONS:
         _SESSIONS[model] = EdgeSession(model, memory, provider="cpu")
     return _SESSIONS[model]
+
+
+def test_session_and_run_refuse_a_memory_whose_geometry_disagrees(tiny_export, tmp_path):
+    """Resealed with position_dims = 3 for a 1-D RoPE model: refused at load, not an ONNX Runtime error later."""
+    import json
+
+    from emloc_edge.errors import ModelMismatchError
+    from emloc_edge.memory import TaskMemory
+    from emloc_edge.runtime import EdgeSession
+    from test_fuzz_memory import write_raw
+
+    memory_path, model = tiny_export
+    memory = TaskMemory.load(memory_path)
+    meta = json.loads(memory.meta.to_json())
+    meta["position_dims"] = 3
+    crafted = tmp_path / "crafted.emloc"
+    write_raw(crafted, memory.tensors(), json.dumps(meta))
+    with pytest.raises(ModelMismatchError, match="position_dims"):
+        EdgeSession(model, crafted, provider="cpu")
+    r = CliRunner().invoke(cli.main, ["run", "--prompt", "hi", "--memory", str(crafted), "--model", str(model)])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "position_dims" in r.stderr, r.output
+
+
+def test_compile_refuses_a_demo_over_the_token_cap(tiny_model_dir, tmp_path):
+    import json
+
+    from emloc_edge.compile.demos import MAX_DEMO_TOKENS
+
+    demos = tmp_path / "demos"
+    demos.mkdir()
+    long_question = " ".join(["word"] * (MAX_DEMO_TOKENS + 10))  # ~10 KB: under the byte cap, over the token cap
+    (demos / "demos.jsonl").write_text(json.dumps({"question": long_question, "answer": "A"}) + "\n")
+    out = tmp_path / "m.emloc"
+    r = CliRunner().invoke(cli.main, ["compile", str(demos), "--model", str(tiny_model_dir("llama")), "-o", str(out), "-q"])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and f"at most {MAX_DEMO_TOKENS}" in r.stderr, r.output
+    assert not out.exists()

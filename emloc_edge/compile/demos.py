@@ -231,40 +231,7 @@ def _load_jsonl(shown_dir: Path, root: Path, default_question: str | None,
             raise BadInputError(
                 f"{loc}: expected a JSON object like {{\"question\": ..., \"answer\": ...}}, got {_json_type(obj)}"
             )
-
-        if "answer" not in obj:
-            raise BadInputError(f"{loc}: missing field \"answer\"")
-        answer = _string_field(obj, "answer", loc)
-
-        if "question" in obj:
-            question = _string_field(obj, "question", loc)
-        elif default_question is not None:
-            question = default_question
-        else:
-            raise BadInputError(
-                f"{loc}: missing field \"question\" (and no default question given nor in {TASK_FILE})", parameters="question"
-            )
-
-        image: Path | None = None
-        if obj.get("image") is not None:
-            rel = _string_field(obj, "image", loc)
-            if needs_images is False:
-                raise BadInputError(
-                    f"{loc}: this demo has an image, but the model is text-only and cannot use images "
-                    "(remove the \"image\" fields or use a vision-language model)"
-                )
-            if Path(rel).is_absolute():
-                raise BadInputError(f"{loc}: image path {rel[:200]!r} must be relative to the demos folder")
-            try:
-                image = _image_inside(root, root / rel, shown_dir / rel, f"image path {rel[:200]!r}")
-            except BadInputError as e:
-                raise BadInputError(f"{loc}: {e}") from None
-        elif needs_images is True:
-            raise BadInputError(
-                f"{loc}: this demo has no \"image\", but the model is a vision-language model that needs "
-                "an image for every demo"
-            )
-        demos.append(Demo(question=question, answer=answer, image=image))
+        demos.append(_jsonl_demo(obj, loc, shown_dir, root, default_question, needs_images))
     if not demos:
         raise BadInputError(f"{where}: no demonstrations (the file is empty or has only blank lines)")
     return demos
@@ -284,6 +251,40 @@ def _image_inside(root: Path, path: Path, shown: Path, what: str) -> Path:
         raise BadInputError(f"{what[:200]}: image not found ({str(shown)[:200]})")
     _check_image(img, shown)
     return img
+
+
+def _jsonl_demo(obj: dict, loc: str, shown_dir: Path, root: Path, default_question: str | None,
+                needs_images: bool | None) -> Demo:
+    """One JSONL object as a Demo; `loc` (file:line) names it in errors."""
+    if "answer" not in obj:
+        raise BadInputError(f"{loc}: missing field \"answer\"")
+    answer = _string_field(obj, "answer", loc)
+    if "question" in obj:
+        question = _string_field(obj, "question", loc)
+    elif default_question is not None:
+        question = default_question
+    else:
+        raise BadInputError(
+            f"{loc}: missing field \"question\" (and no default question given nor in {TASK_FILE})", parameters="question"
+        )
+    if obj.get("image") is None:
+        if needs_images is True:
+            raise BadInputError(f"{loc}: this demo has no \"image\", but the model is a vision-language model that "
+                                "needs an image for every demo")
+        return Demo(question=question, answer=answer, image=None)
+    rel = _string_field(obj, "image", loc)
+    if needs_images is False:
+        raise BadInputError(
+            f"{loc}: this demo has an image, but the model is text-only and cannot use images "
+            "(remove the \"image\" fields or use a vision-language model)"
+        )
+    if Path(rel).is_absolute():
+        raise BadInputError(f"{loc}: image path {rel[:200]!r} must be relative to the demos folder")
+    try:
+        image = _image_inside(root, root / rel, shown_dir / rel, f"image path {rel[:200]!r}")
+    except BadInputError as e:
+        raise BadInputError(f"{loc}: {e}") from None
+    return Demo(question=question, answer=answer, image=image)
 
 
 def _is_hidden(p: Path) -> bool:

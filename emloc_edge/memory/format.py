@@ -27,7 +27,7 @@ from safetensors.numpy import save_file
 
 from emloc_edge.errors import MemoryFileError, ModelMismatchError
 from emloc_edge.memory import quantize, validate
-from emloc_edge.memory.validate import FORMAT_NAME, FORMAT_VERSION, SUPPORTED_VERSIONS, FieldError
+from emloc_edge.memory.validate import FORMAT_NAME, FORMAT_VERSION, SUPPORTED_VERSIONS, FieldError  # noqa: F401 (re-exported)
 
 _PARTS = validate.PARTS["int8"]  # tensor `layers.{i}.{part}`; fp16/fp32 memories have no scales
 

@@ -91,6 +91,10 @@ class ModelFolder:
 
 def memory_problem(meta, manifest: dict) -> str | None:
     """What makes a memory (its MemoryMeta) unusable with this manifest's graphs, or None."""
+    return _geometry_problem(meta, manifest) or _template_problem(meta, manifest)
+
+
+def _geometry_problem(meta, manifest: dict) -> str | None:
     g = manifest["geometry"]
     for name in ("num_layers", "num_kv_heads", "head_dim", "position_dims"):
         if getattr(meta, name) != g.get(name):
@@ -99,13 +103,25 @@ def memory_problem(meta, manifest: dict) -> str | None:
         return f"meta.model_family is {meta.model_family!r:.40}, the model's is {manifest['model_family']!r}"
     if not isinstance(g.get("max_positions"), int) or meta.position_offset >= g["max_positions"]:
         return f"meta.position_offset {meta.position_offset} leaves no room in the model's {g.get('max_positions')} positions"
-    template = meta.template
+    return None
+
+
+def _template_problem(meta, manifest: dict) -> str | None:
+    """The pieces render_query and the decode loop read must be the model's own (same adapter, same values)."""
     for key, value in manifest["template"].items():
-        if template.get(key, None) != value:
+        if meta.template.get(key, None) != value:
             return f"meta.template.{key} is missing or differs from the model's"
-    question = template.get("default_question")
-    if question is not None and not isinstance(question, str):
-        return "meta.template.default_question is not a string"
+    question = meta.template.get("default_question")
+    if question is not None and (not isinstance(question, str) or not is_unicode(question)):
+        return "meta.template.default_question is not a valid Unicode string"
     if manifest.get("image_preprocessing") is not None and meta.image_preprocessing != manifest["image_preprocessing"]:
         return "meta.image_preprocessing differs from the model's"
     return None
+
+
+def is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # a lone surrogate cannot be encoded, nor tokenized
+        return True
+    except UnicodeEncodeError:
+        return False

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import BadInputError
 from .image import load_image
+from .model_folder import is_unicode
 from .positions import mrope_positions, text_positions
 
 
@@ -28,6 +29,8 @@ def render_query(session, image: str | Path | None, question: str | None) -> Que
         raise BadInputError("nothing to ask: give an image or a question")
     if image is not None and not question:  # the question every demonstration asked, if they shared one
         question = template.get("default_question")
+    if question and not is_unicode(question):
+        raise BadInputError("question is not valid Unicode (it holds a lone surrogate)", parameters="question")
     prefix, suffix = template["query_image"] if image is not None else template["query_text"]
     ids = session.tokenizer.encode(prefix + (question or "") + suffix, add_special_tokens=False).ids
     ids = np.asarray(ids, dtype=np.int64)
