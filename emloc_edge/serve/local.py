@@ -31,16 +31,17 @@ class LocalBackend:
         self._lock = threading.Lock()
 
     # --- what the app calls ---------------------------------------------------------------------------
-    async def complete(self, query: Query) -> Completion:
+    async def complete(self, query: Query, session: MemorySession | None = None) -> Completion:
+        """The answer; `session`: one already bound to the query's memory (else bound here, from the cache)."""
         with self._tracked():
-            return await run_in_threadpool(self._complete, query)
+            return await run_in_threadpool(self._complete, query, session)
 
-    async def stream(self, query: Query) -> AsyncIterator[str]:
+    async def stream(self, query: Query, session: MemorySession | None = None) -> AsyncIterator[str]:
         """Text pieces; the first is produced before this returns, so a bad request fails as an HTTP error
         rather than inside a started stream."""
         self._enter()
         try:
-            pieces = self._pieces(query)
+            pieces = self._pieces(query, session)
             first = await run_in_threadpool(next, pieces, None)
         except BaseException:
             self._leave()
@@ -53,12 +54,13 @@ class LocalBackend:
                 "memory_cache_bytes": self.model.cache.nbytes}
 
     # --- work on the threads --------------------------------------------------------------------------
-    def _session(self, query: Query) -> MemorySession:
-        return self.model.bind(self.registry.path(query.name))
+    def session(self, name: str) -> MemorySession:
+        """A session on the memory called `name` (UnknownMemoryError, ModelMismatchError, MemoryFileError)."""
+        return self.model.bind(self.registry.path(name))
 
-    def _complete(self, query: Query) -> Completion:
+    def _complete(self, query: Query, session: MemorySession | None) -> Completion:
         deadline = time.monotonic() + self.config.request_timeout_s
-        session = self._session(query)
+        session = session or self.session(query.name)
         inputs = session.query(query.image, query.question)
         ids: list[int] = []
         for token in session.tokens(inputs, query.max_tokens):
@@ -68,9 +70,10 @@ class LocalBackend:
         text = session.tokenizer.decode(ids, skip_special_tokens=True).strip()  # as MemorySession.answer
         return Completion(text, ids, int(inputs.embeds.shape[1]), "length" if len(ids) >= query.max_tokens else "stop")
 
-    def _pieces(self, query: Query) -> Iterator[str]:
+    def _pieces(self, query: Query, session: MemorySession | None) -> Iterator[str]:
         deadline = time.monotonic() + self.config.request_timeout_s
-        for piece in self._session(query).stream(query.image, query.question, query.max_tokens):
+        session = session or self.session(query.name)
+        for piece in session.stream(query.image, query.question, query.max_tokens):
             yield piece
             if time.monotonic() > deadline:
                 return
