@@ -20,8 +20,20 @@ def build_app(config: ServeConfig):
     return create_app(LocalBackend(config), config)
 
 
+def configure_logging(level: str = "info") -> None:
+    """Request lines (`<id> <method> <path> <status> <ms>`) on stderr, in every worker process."""
+    logger = logging.getLogger("emloc_edge.serve")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level.upper())
+
+
 def app_from_env():
     """uvicorn factory for worker processes."""
+    configure_logging()
     return build_app(ServeConfig.from_json(os.environ[ENV]))
 
 
@@ -29,7 +41,7 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, w
                log_level: str = "info") -> None:
     import uvicorn
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level)
     grace = int(config.request_timeout_s) + 1
     if workers > 1:
         os.environ[ENV] = config.to_json()
