@@ -130,7 +130,7 @@ def _check_key(request: Request, config: ServeConfig) -> None:
 def _created(registry: MemoryRegistry, name: str) -> int:
     try:
         return int(registry.path(name).stat().st_mtime)
-    except (OSError, APIError, Exception):  # noqa: BLE001 - removed between listing and stat
+    except (OSError, EmlocError):  # removed between listing and stat
         return 0
 
 

@@ -4,7 +4,7 @@
   tiny llama / tiny VLM and a folder of memories of it (float, int8 one chunk = q8 graph, int8 chunked);
   ``queries`` are (memory name, image path or None, question) triples.
 - ``foreign_memory``: a memory of another tiny llama (other weights), for the 409 case.
-- ``live_server``: factory (backend config) -> base URL of a uvicorn server on 127.0.0.1 in a thread.
+- ``live_server``: factory app -> base URL of a uvicorn server on 127.0.0.1 in a thread (module scope).
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ class LiveServer:
         self.thread.join(30)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def live_server():
     servers: list[LiveServer] = []
 

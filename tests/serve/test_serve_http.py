@@ -17,26 +17,11 @@ MAX = 6
 
 
 @pytest.fixture(scope="module", params=["text", "vision"])
-def served(request, live_server_module):
+def served(request, live_server):
     task = request.getfixturevalue(f"{request.param}_task")
     config = ServeConfig(str(task.model), str(task.memories), max_tokens=64, default_max_tokens=MAX)
     app = build_app(config)
-    return task, live_server_module(app), app
-
-
-@pytest.fixture(scope="module")
-def live_server_module():
-    from conftest import LiveServer
-
-    servers = []
-
-    def start(app):
-        servers.append(LiveServer(app))
-        return servers[-1].url
-
-    yield start
-    for s in servers:
-        s.stop()
+    return task, live_server(app), app
 
 
 def test_answers_equal_edge_session_token_for_token(served):
