@@ -83,6 +83,7 @@ def main() -> None:
     export    model -> ONNX graphs + manifest for the runtime (PyTorch)
     run       answer queries with a task memory under ONNX Runtime (no torch)
     eval      accuracy, memory size, speed and JS of each kind of context on held-out items (PyTorch)
+    serve     OpenAI-compatible HTTP API over one model and a folder of memories (no torch; Ray Serve)
     """
 
 
@@ -236,6 +237,39 @@ def run(images, memory_path, model_dir, question, prompts, max_new_tokens, provi
         for piece in session.stream(image, text):
             click.echo(piece, nl=False)
         click.echo()
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--memories", "memories_dir", type=click.Path(path_type=Path), required=True,
+              help="Folder of *.emloc task memories; each is served under its file stem (new files appear live).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="EMLOC_EDGE_API_KEY", default=None, help="Require `Authorization: Bearer KEY`.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Server processes.")
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=16 * 1024**2, show_default=True)
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=16 * 1024**2, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Largest max_tokens a request may ask for.")
+@click.option("--request-timeout", type=click.FloatRange(min=0.001), default=120.0, show_default=True,
+              help="Seconds one request may run.")
+@click.option("--memory-cache-mb", type=click.IntRange(min=0), default=2048, show_default=True,
+              help="Bound memories kept per model (least recently used dropped first).")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="Intra-op threads (0: ONNX Runtime decides).")
+@click.option("--ray", "use_ray", is_flag=True, help="Run as a Ray Serve application (an existing cluster, or local).")
+@click.option("--address", default=None, help="Ray cluster address (e.g. auto) [default: start a local Ray].")
+@click.option("--replicas", type=click.IntRange(min=1), default=2, show_default=True, help="Ray replicas.")
+@handle_errors
+def serve(model_dir, memories_dir, **options) -> None:
+    """Serve MODEL_DIR's task memories over an OpenAI-compatible HTTP API until interrupted.
+
+    POST /v1/chat/completions (model = a memory's name; text and data: image URLs; stream), GET /v1/models,
+    GET /health. Needs the [serve] extra.
+    """
+    from .serve.main import serve_command
+
+    serve_command(model_dir, memories_dir, **options)
 
 
 @main.command("eval")

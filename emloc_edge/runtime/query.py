@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
@@ -13,6 +14,11 @@ from .image import load_image
 from .model_folder import is_unicode
 from .positions import mrope_positions, text_positions
 
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image as _PILImage
+
+ImageInput = Union[str, Path, "_PILImage.Image", None]  # a file, or an already decoded RGB image
+
 
 @dataclass
 class QueryInputs:
@@ -20,7 +26,7 @@ class QueryInputs:
     positions: np.ndarray  # [P, T] int64, absolute (P = 3 for M-RoPE, else 1)
 
 
-def render_query(session, image: str | Path | None, question: str | None) -> QueryInputs:
+def render_query(session, image: ImageInput, question: str | None) -> QueryInputs:
     meta = session.memory.meta
     template = meta.template
     if image is not None and template.get("query_image") is None:
@@ -44,10 +50,14 @@ def render_query(session, image: str | Path | None, question: str | None) -> Que
     slots = np.flatnonzero(ids == image_token_id)
     if len(slots) != 1:
         raise BadInputError(f"{image}: the query template has {len(slots)} image slots, expected one")
-    features, info = session.image_inputs.encode(load_image(Path(image)), session.vision)  # [count, D]
+    features, info = session.image_inputs.encode(_opened(image), session.vision)  # [count, D]
     slot, count = int(slots[0]), len(features)
     ids = np.concatenate([ids[:slot], np.full(count, image_token_id, np.int64), ids[slot + 1 :]])  # one slot per image token
     embeds = np.asarray(session.embed_tokens[ids], dtype=np.float32)  # [T, D]
     embeds[slot : slot + count] = features  # [count, D]
     positions = session.image_inputs.positions(ids, image_token_id, info, meta.position_offset)  # [P, T]
     return QueryInputs(embeds[None], positions)
+
+
+def _opened(image: ImageInput) -> "_PILImage.Image":
+    return load_image(Path(image)) if isinstance(image, (str, Path)) else image

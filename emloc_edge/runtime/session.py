@@ -1,9 +1,12 @@
-"""`EdgeSession`: answer queries with a task memory under ONNX Runtime (numpy, onnxruntime,
-tokenizers, pillow, safetensors only — no torch, no transformers).
+"""Sessions: answer queries with a task memory under ONNX Runtime (numpy, onnxruntime, tokenizers,
+pillow, safetensors only — no torch, no transformers).
 
     query text (+ image) ─► tokens ─► embeddings (+ vision features) ─► decoder step ─► logits
                                                      memory (bound once) ─┘   ▲      │ argmax
                                            recent cache: query + generated K/V ┘ ◄────┘ new K/V
+
+`MemorySession` is what `EdgeModel.bind(memory)` returns (model.py): it shares the model's ONNX Runtime
+sessions and holds one bound memory. `EdgeSession(model_dir, memory_path)` opens a model for one memory.
 """
 from __future__ import annotations
 
@@ -13,16 +16,15 @@ from pathlib import Path
 from typing import Generator, Iterator
 
 import numpy as np
-import onnxruntime as ort
-from tokenizers import Tokenizer
 
 from ..errors import BadInputError
-from ..memory import TaskMemory
-from .image_inputs import image_strategy
-from .memory_inputs import memory_feeds
-from .model_folder import ModelFolder
-from .query import QueryInputs, render_query
+from .bound_memory import BoundMemory
+from .model import EdgeModel
+from .providers import select_providers
+from .query import ImageInput, QueryInputs, render_query
 from .textstream import stream_text
+
+__all__ = ["Answer", "EdgeModel", "EdgeSession", "MemorySession", "select_providers"]
 
 
 @dataclass
@@ -34,109 +36,61 @@ class Answer:
     image: str | None = None
 
 
-def select_providers(choice: str = "auto") -> list[str]:
-    """CUDA when onnxruntime-gpu sees a GPU (auto or cuda), else the CPU."""
-    available = ort.get_available_providers()
-    if choice == "cpu":
-        return ["CPUExecutionProvider"]
-    if choice == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise BadInputError("provider 'cuda': CUDA is not available (needs onnxruntime-gpu and a GPU)",
-                                parameters="provider")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if choice != "auto":
-        raise BadInputError(f"provider must be auto, cpu or cuda, got {choice!r}", parameters="provider")
-    return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
+class MemorySession:
+    """An opened model and one bound task memory, answering queries with the memory as context.
 
-
-@dataclass
-class EdgeSession:
-    """A loaded exported model and one task memory, answering queries with the memory as context.
-
-    The memory is read, validated, checked against the model's fingerprint and placed on the device
-    once; every query and decode step reuses it. One session may be used from several threads at
-    once: the ONNX Runtime sessions, the bound memory, the embedding table and the tokenizer are only
-    read, and each call keeps its own decode state (recent cache, I/O binding).
+    One session may be used from several threads at once: the ONNX Runtime sessions, the bound memory,
+    the embedding table and the tokenizer are only read, and each call keeps its own decode state
+    (recent cache, I/O binding). Sessions are light: bind as many memories to one model as you like.
     """
 
-    model_dir: str | Path
-    memory_path: str | Path
-    provider: str = "auto"
-    threads: int = 0  # intra-op threads; 0 lets ONNX Runtime choose
-    max_new_tokens: int = 32
-    memory_inputs: str = "auto"  # "int8": int8 graph, scales folded; "float": dequantized once at load; auto: int8 where exact
-
-    def __post_init__(self) -> None:
-        self.folder = ModelFolder.open(self.model_dir)
-        self.memory = TaskMemory.load(self.memory_path)
-        self.folder.check_memory(self.memory, Path(self.memory_path))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.log_severity_level = 3
-        self.providers = select_providers(self.provider)
-        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
-        variant = self._memory_variant()
-        self.decoder = ort.InferenceSession(str(self.folder.graph(variant)), options, providers=self.providers)
-        self.vision = (
-            ort.InferenceSession(str(self.folder.graph("vision")), options, providers=self.providers)
-            if self.folder.has_vision else None
-        )
-        settings = self.memory.meta.image_preprocessing
-        self.image_inputs = (  # how this model's images become LM inputs (image_inputs.py)
-            image_strategy(settings, self.folder.manifest["graphs"]["vision"], self.memory.meta.model_family)
-            if self.vision is not None and settings else None
-        )
-        self.tokenizer = Tokenizer.from_file(str(self.folder.path / self.folder.manifest["tokenizer"]))
-        self.embed_tokens = np.load(self.folder.path / self.folder.manifest["embed_tokens"], mmap_mode="r", allow_pickle=False)
-        # The memory goes to the device once; each call binds these values by reference.
-        self.bound_memory = {
-            name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device, 0)
-            for name, value in memory_feeds(self.memory, variant).items()
-        }
+    def __init__(self, model: EdgeModel, memory: BoundMemory, max_new_tokens: int = 32) -> None:
+        self.model, self.memory, self.max_new_tokens = model, memory, max_new_tokens
+        self.folder, self.tokenizer, self.embed_tokens, self.vision = (
+            model.folder, model.tokenizer, model.embed_tokens, model.vision)
+        self.providers, self.device = model.providers, model.device
+        self.decoder = model.decoder(memory.variant)
+        self.image_inputs = memory.image_inputs  # how this model's images become LM inputs (image_inputs.py)
+        self.bound_memory = memory.values
         g = self.folder.geometry
         self.num_layers, self.kv_heads, self.head_dim = g["num_layers"], g["num_kv_heads"], g["head_dim"]
-        self.stop_ids = set(self.memory.meta.template["stop_token_ids"])
-        self.output_names = ["logits"] + [f"new_{kind}.{i}" for i in range(self.num_layers) for kind in ("key", "value")]
-
-    def _memory_variant(self) -> str:
-        """The int8 graph needs one K scale per channel per layer; a memory of several chunks has one per
-        chunk, and merging them re-rounds K (measured on SmolLM2: logits move 0.18, 1 answer in 40
-        changes). So auto takes it only where it is exact and otherwise dequantizes once at load."""
-        if self.memory_inputs not in ("auto", "int8", "float"):
-            raise BadInputError(f"memory_inputs must be auto, int8 or float, got {self.memory_inputs!r}",
-                                parameters="memory_inputs")
-        int8 = self.memory.meta.precision == "int8"
-        if self.memory_inputs == "int8" and not int8:
-            raise BadInputError(f"{self.memory_path}: a {self.memory.meta.precision} memory has no int8 inputs")
-        exact = int8 and len(self.memory.meta.chunks) <= 1
-        use_int8 = self.memory_inputs == "int8" or (self.memory_inputs == "auto" and exact)
-        return "decoder_step_q8" if use_int8 else "decoder_step"
+        self.stop_ids = memory.stop_ids
+        self.output_names = model.output_names
 
     # --- public API -------------------------------------------------------------------------------
-    def ask(self, image: str | Path | None = None, question: str | None = None, max_new_tokens: int | None = None) -> str:
+    def ask(self, image: ImageInput = None, question: str | None = None, max_new_tokens: int | None = None) -> str:
         """The answer text for one query (an image and/or a question)."""
         return self.answer(image, question, max_new_tokens).text
 
-    def stream(self, image: str | Path | None = None, question: str | None = None,
+    def stream(self, image: ImageInput = None, question: str | None = None,
                max_new_tokens: int | None = None) -> Iterator[str]:
         """Yield the answer text piece by piece as tokens are generated; the pieces join to `answer().text`."""
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         yield from stream_text(decode, self._generate(self._inputs(image, question), max_new_tokens))
 
-    def answer(self, image: str | Path | None = None, question: str | None = None,
+    def answer(self, image: ImageInput = None, question: str | None = None,
                max_new_tokens: int | None = None) -> Answer:
         """Answer with token ids and timings."""
         start = time.perf_counter()
         ids: list[int] = []
         first = None
-        for token in self._generate(self._inputs(image, question), max_new_tokens):
+        for token in self.tokens(self.query(image, question), max_new_tokens):
             first = first or time.perf_counter()
             ids.append(token)
         end = time.perf_counter()
         first = first or end
         rate = (len(ids) - 1) / (end - first) if len(ids) > 1 and end > first else 0.0
         return Answer(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids,
-                      ttft_ms=1000 * (first - start), tokens_per_s=rate, image=str(image) if image else None)
+                      ttft_ms=1000 * (first - start), tokens_per_s=rate,
+                      image=str(image) if isinstance(image, (str, Path)) else None)
+
+    def query(self, image: ImageInput = None, question: str | None = None) -> QueryInputs:
+        """The rendered query (embeddings and positions after the memory); `image`: a path or an RGB PIL image."""
+        return render_query(self, image, question)
+
+    def tokens(self, query: QueryInputs, max_new_tokens: int | None = None) -> Iterator[int]:
+        """The greedy answer's token ids, one at a time (stop early by not asking for more)."""
+        return self._generate(query, max_new_tokens)
 
     # --- decoding ---------------------------------------------------------------------------------
     def _inputs(self, image, question) -> QueryInputs:
@@ -196,3 +150,16 @@ class EdgeSession:
         out = binding.copy_outputs_to_cpu()
         new_kv = [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.num_layers)]
         return out[0], new_kv
+
+
+class EdgeSession(MemorySession):
+    """A model folder opened for one task memory: `EdgeModel.open(model_dir).bind(memory_path)`.
+    To serve several memories, open the model once and bind each (model.py)."""
+
+    def __init__(self, model_dir: str | Path, memory_path: str | Path, provider: str = "auto", threads: int = 0,
+                 max_new_tokens: int = 32, memory_inputs: str = "auto") -> None:
+        self.model_dir, self.memory_path, self.provider, self.threads = model_dir, memory_path, provider, threads
+        self.memory_inputs = memory_inputs
+        model = EdgeModel.open(model_dir, provider=provider, threads=threads, memory_inputs=memory_inputs,
+                               max_new_tokens=max_new_tokens, cache_bytes=0)
+        super().__init__(model, model.bind_memory(memory_path), max_new_tokens)
