@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 from ..errors import BadInputError
 from ..memory import TaskMemory
 from .image_inputs import image_strategy
-from .memory_inputs import memory_feeds
+from .memory_inputs import choose_variant, memory_feeds
 from .model_folder import ModelFolder
 from .query import QueryInputs, render_query
 
@@ -62,7 +62,7 @@ class EdgeSession:
     provider: str = "auto"
     threads: int = 0  # intra-op threads; 0 lets ONNX Runtime choose
     max_new_tokens: int = 32
-    memory_inputs: str = "auto"  # "int8": int8 graph, scales folded; "float": dequantized once at load; auto: int8 where exact
+    memory_inputs: str = "auto"  # "int8": int8 graph, stays int8 on the device; "float": dequantized once at load; auto: int8 for int8 memories
 
     def __post_init__(self) -> None:
         self.folder = ModelFolder.open(self.model_dir)
@@ -73,7 +73,7 @@ class EdgeSession:
         options.log_severity_level = 3
         self.providers = select_providers(self.provider)
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
-        variant = self._memory_variant()
+        variant = choose_variant(self.folder.manifest, self.memory, self.memory_inputs, self.memory_path)
         self.decoder = ort.InferenceSession(str(self.folder.graph(variant)), options, providers=self.providers)
         self.vision = (
             ort.InferenceSession(str(self.folder.graph("vision")), options, providers=self.providers)
@@ -95,19 +95,6 @@ class EdgeSession:
         self.num_layers, self.kv_heads, self.head_dim = g["num_layers"], g["num_kv_heads"], g["head_dim"]
         self.stop_ids = set(self.memory.meta.template["stop_token_ids"])
         self.output_names = ["logits"] + [f"new_{kind}.{i}" for i in range(self.num_layers) for kind in ("key", "value")]
-
-    def _memory_variant(self) -> str:
-        """The int8 graph needs one K scale per channel per layer; a memory of several chunks has one per
-        chunk, and merging them re-rounds K (measured on SmolLM2: logits move 0.18, 1 answer in 40
-        changes). So auto takes it only where it is exact and otherwise dequantizes once at load."""
-        if self.memory_inputs not in ("auto", "int8", "float"):
-            raise BadInputError(f"--memory-inputs must be auto, int8 or float, got {self.memory_inputs!r}")
-        int8 = self.memory.meta.precision == "int8"
-        if self.memory_inputs == "int8" and not int8:
-            raise BadInputError(f"{self.memory_path}: a {self.memory.meta.precision} memory has no int8 inputs")
-        exact = int8 and len(self.memory.meta.chunks) <= 1
-        use_int8 = self.memory_inputs == "int8" or (self.memory_inputs == "auto" and exact)
-        return "decoder_step_q8" if use_int8 else "decoder_step"
 
     # --- public API -------------------------------------------------------------------------------
     def ask(self, image: str | Path | None = None, question: str | None = None, max_new_tokens: int | None = None) -> str:
