@@ -53,8 +53,8 @@ class OrtPath(Path_):
     def __init__(self, key, label, model_dir: Path, memory_path: Path, threads: int, spinning: bool,
                  float_memory: bool = False):
         super().__init__(key, label)
-        # float_memory: the fp32-memory graph fed the memory dequantized per segment (EdgeSession's choice
-        # for multi-chunk memories); otherwise the int8 graph with the memory kept int8 on the device.
+        # float_memory: the fp32-memory graph fed the memory dequantized at load (memory_inputs="float");
+        # otherwise the int8 graph with the memory kept int8 on the device (EdgeSession's auto).
         inputs = "float" if float_memory else "int8"
         self.session = s = EdgeSession(model_dir, memory_path, provider="cpu", threads=threads, memory_inputs=inputs)
         graph = FLOAT if float_memory else INT8

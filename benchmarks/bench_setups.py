@@ -19,11 +19,9 @@ import torch  # noqa: E402
 from emloc_edge import __version__  # noqa: E402
 from emloc_edge.compile.query import greedy_answer, memory_kv  # noqa: E402
 from emloc_edge.memory.format import ChunkRecord, MemoryMeta, TaskMemory  # noqa: E402
-from emloc_edge.models.decoder import LayerKV  # noqa: E402
 from emloc_edge.runtime.model_folder import MANIFEST  # noqa: E402
-from emloc_edge.runtime.memory_inputs import INT8, memory_feeds  # noqa: E402
 
-from bench_paths import OrtPath, TorchMemoryPath, log  # noqa: E402
+from bench_paths import OrtPath, log  # noqa: E402
 
 QWEN2_05B = dict(  # Qwen2-0.5B geometry
     vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -154,44 +152,24 @@ def export_cached(model_dir: Path, out: Path, weights: str, fingerprint: str, va
 
 
 
-def requantized_kv(memory: TaskMemory) -> list[LayerKV]:
-    """The memory exactly as the q8 graph sees it (K requantized to one scale per channel per layer), in fp32."""
-    feeds, out = memory_feeds(memory, INT8), []
-    for i in range(memory.meta.num_layers):
-        key_t = feeds[f"mem_key_t.{i}"].astype(np.float32) * feeds[f"mem_key_scale.{i}"]  # [kv, hd, n]
-        value = feeds[f"mem_value.{i}"].astype(np.float32) * feeds[f"mem_value_scale.{i}"][..., None]  # [kv, n, hd]
-        out.append(LayerKV(torch.from_numpy(np.ascontiguousarray(key_t.transpose(0, 2, 1))), torch.from_numpy(value)))
-    return out
-
-
 def logit_diffs(paths, query, adapter, memory, extra=()) -> dict:
     """max|logits - reference| after the query prefill, per path. Reference: PyTorch with the same memory as
-    memory_kv() dequantizes it (per-segment K scales); for the q8 ORT graphs also PyTorch with the memory the
-    q8 graph gets (K requantized per layer at load), which separates export error from that requantization."""
+    memory_kv() dequantizes it (per-segment K scales), which the q8 graph also applies exactly."""
     for p in [*paths, *extra]:
         p.prefill(query)
     ref = next(p for p in paths if p.key == "torch-memory").last_logits
-    requant = TorchMemoryPath("torch-requant", "", adapter, memory)
-    requant.memory = requantized_kv(memory)
-    requant.prefill(query)
-    out = {f"{p.key} vs torch-memory": float(np.abs(p.last_logits - ref).max())
-           for p in [*paths, *extra] if p.key != "torch-memory"}
-    out["torch-requantized-memory vs torch-memory"] = float(np.abs(requant.last_logits - ref).max())
-    for p in paths:
-        if isinstance(p, OrtPath):
-            out[f"{p.key} vs torch-requantized-memory"] = float(np.abs(p.last_logits - requant.last_logits).max())
-    return out
+    return {f"{p.key} vs torch-memory": float(np.abs(p.last_logits - ref).max())
+            for p in [*paths, *extra] if p.key != "torch-memory"}
 
 
 def greedy_check(paths, adapter, memory, queries, max_new) -> dict:
     """EdgeSession.answer() token ids vs compile.query.greedy_answer with the same memory, per query.
 
-    `torch` is greedy_answer over memory_kv(memory), the reference; `torch_requant` is greedy_answer over the
-    memory as the q8 graph gets it; ORT paths with key "...-floatmem" run the fp32-memory graph."""
+    `torch` is greedy_answer over memory_kv(memory), the reference; ORT paths with key "...-floatmem" run
+    the fp32-memory graph."""
     offset = memory.meta.position_offset
     want = [greedy_answer(adapter, memory_kv(memory), offset, q, max_new_tokens=max_new) for q in queries]
-    requant = [greedy_answer(adapter, requantized_kv(memory), offset, q, max_new_tokens=max_new) for q in queries]
-    answers = {"torch-requantized-memory": requant}
+    answers = {}
     for p in paths:
         if isinstance(p, OrtPath):
             answers[p.key] = [p.session.answer(question=q, max_new_tokens=max_new).token_ids for q in queries]
@@ -201,7 +179,6 @@ def greedy_check(paths, adapter, memory, queries, max_new) -> dict:
         first = next((i for i, ok in enumerate(agree) if not ok), None)
         out[key] = {
             "queries": len(queries), "agree": sum(agree),
-            "agree_with_torch_requantized_memory": sum(a == b for a, b in zip(got, requant)),
             "first_difference": None if first is None else {
                 "query": queries[first], "this": adapter.tokenizer.decode(got[first]),
                 "torch": adapter.tokenizer.decode(want[first])},

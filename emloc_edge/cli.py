@@ -205,8 +205,8 @@ def export(model: Path, out_dir: Path, weights: str, no_validate: bool, as_json:
               help="ONNX Runtime execution provider; auto takes CUDA when onnxruntime-gpu sees a GPU.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="Intra-op threads (0: ONNX Runtime decides).")
 @click.option("--memory-inputs", type=click.Choice(["auto", "int8", "float"]), default="auto", show_default=True,
-              help="int8: memory stays int8 on the device (scales folded; re-rounds K of multi-chunk memories); "
-                   "float: dequantized once at load (exact); auto: int8 where exact.")
+              help="int8: an int8 memory stays int8 on the device (scales applied in each step); "
+                   "float: dequantized once at load (same answers, ~4x the RAM); auto: int8 for int8 memories.")
 @json_option
 @handle_errors
 def run(images, memory_path, model_dir, question, prompts, max_new_tokens, provider, threads, memory_inputs, as_json) -> None:

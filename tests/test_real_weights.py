@@ -141,3 +141,30 @@ def test_quantized_runtime_agrees_with_fp32_on_top1(smollm2, exports, tmp_path):
     assert positions >= 120
     assert rates["int8"] >= 0.99
     assert rates["int4"] >= 0.85  # reported; int4 weights are expected to drift more
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_int8_memory_inputs_equal_the_dequantized_memory(smollm2, memories, exports, weights, tmp_path):
+    """The EMLoC int8 memory (one K scale per channel per chunk, 13 chunks) kept int8 on the device gives the
+    logits of the same memory dequantized at load, prefill and every answer token (<= 1e-5 relative)."""
+    import numpy as np
+
+    from emloc_edge.runtime.session import EdgeSession
+
+    _, emloc, _ = memories
+    assert emloc.meta.precision == "int8" and len(emloc.meta.chunks) > 1
+    emloc.save(tmp_path / "emloc.emloc")
+    q8 = EdgeSession(exports / weights, tmp_path / "emloc.emloc", provider="cpu", max_new_tokens=8)
+    dequantized = EdgeSession(exports / weights, tmp_path / "emloc.emloc", provider="cpu", max_new_tokens=8,
+                              memory_inputs="float")
+    assert Path(q8.decoder._model_path).name == "decoder_step_q8.onnx"
+    assert sum(v.numpy().nbytes for v in q8.bound_memory.values()) < 0.3 * sum(
+        v.numpy().nbytes for v in dequantized.bound_memory.values())
+    worst = 0.0
+    for q in _queries()[:5]:
+        tokens = dequantized.answer(None, q.question).token_ids
+        want = dequantized.continuation_logits(None, q.question, tokens)
+        got = q8.continuation_logits(None, q.question, tokens)
+        worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
+    print(f"\nint8 vs dequantized memory inputs ({weights} weights): max relative logit difference {worst:.2e}")
+    assert worst <= 1e-5

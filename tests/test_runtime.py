@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ from click.testing import CliRunner
 
 from emloc_edge.cli import main
 from emloc_edge.compile.compressor import CompileOptions, Compressor
+from emloc_edge.errors import ModelLoadError
 from emloc_edge.export.api import export_model
 from emloc_edge.models.loading import load_model
 from emloc_edge.runtime.session import EdgeSession
@@ -168,17 +170,45 @@ def test_cli_run_refuses_a_corrupt_memory_and_a_decompression_bomb(exported, mon
     assert "Traceback" not in r.output
 
 
-def test_int8_memory_inputs_are_used_where_exact(exported):
-    """auto: a one-chunk int8 memory runs on the int8 graph; a multi-chunk one is dequantized at load
-    (re-rounding its per-chunk K scales would change answers); both forced modes still answer."""
+def test_int8_memory_stays_int8_and_answers_as_the_dequantized_memory(exported):
+    """auto: every int8 memory (one chunk or several) runs on the int8 graph and stays int8 on the device;
+    its logits equal those of the memory dequantized at load (memory_inputs="float") to 1e-5."""
     family, adapter, demos, memory_path, model_dir, tmp = exported
     image, question = _query(adapter, tmp)
-    for size, expected in ((len(demos), "decoder_step_q8.onnx"), (2, "decoder_step.onnx")):
+    for size in (len(demos), 2, 1):
         memory = Compressor(adapter, CompileOptions(delta=0.005, chunk_size=size, precision="int8")).compile(demos)
         path = tmp / f"int8_{size}.emloc"
         memory.save(path)
         session = EdgeSession(model_dir, path, provider="cpu", max_new_tokens=3)
-        assert Path(session.decoder._model_path).name == expected
-        float_ids = EdgeSession(model_dir, path, memory_inputs="float", max_new_tokens=3).answer(image, question).token_ids
-        int8_ids = EdgeSession(model_dir, path, memory_inputs="int8", max_new_tokens=3).answer(image, question).token_ids
-        assert session.answer(image, question).token_ids == (int8_ids if size == len(demos) else float_ids)
+        assert Path(session.decoder._model_path).name == "decoder_step_q8.onnx"
+        assert session.bound_memory["mem_key_t.0"].data_type() == "tensor(int8)"
+        dequantized = EdgeSession(model_dir, path, memory_inputs="float", max_new_tokens=3)
+        assert Path(dequantized.decoder._model_path).name == "decoder_step.onnx"
+        answer = dequantized.answer(image, question).token_ids
+        assert session.answer(image, question).token_ids == answer
+        want = dequantized.continuation_logits(image, question, answer)
+        got = session.continuation_logits(image, question, answer)
+        assert float(abs(got - want).max() / abs(want).max()) <= 1e-5, (size, len(memory.meta.chunks))
+
+
+def test_an_export_without_the_exact_q8_inputs_runs_int8_memories_dequantized(exported):
+    """An export made before the q8 graph took per-segment scales (manifest format_version 1): auto falls
+    back to the float graph; int8 is refused in one line naming the folder."""
+    family, adapter, demos, memory_path, model_dir, tmp = exported
+    old = tmp / "old_export"
+    if not old.exists():
+        shutil.copytree(model_dir, old)
+        manifest = json.loads((old / "manifest.json").read_text())
+        manifest["format_version"] = 1
+        q8 = manifest["graphs"]["decoder_step_q8"]
+        q8["inputs"] = [n for n in q8["inputs"] if not n.startswith("mem_key_segment.")]
+        (old / "manifest.json").write_text(json.dumps(manifest))
+    memory = Compressor(adapter, CompileOptions(delta=0.005, chunk_size=2, precision="int8")).compile(demos)
+    path = tmp / "int8_old_export.emloc"
+    memory.save(path)
+    session = EdgeSession(old, path, provider="cpu", max_new_tokens=2)
+    assert Path(session.decoder._model_path).name == "decoder_step.onnx"
+    with pytest.raises(ModelLoadError, match="predates exact int8 memory inputs"):
+        EdgeSession(old, path, provider="cpu", memory_inputs="int8")
+    r = CliRunner().invoke(main, ["run", "--memory", str(path), "--model", str(old), "--prompt", "q", "--memory-inputs", "int8"])
+    assert r.exit_code == 2 and "old_export" in r.output and r.output.count("\n") == 1, r.output

@@ -88,7 +88,7 @@ def quantize_export(source: str | Path, out_dir: str | Path, weights: str) -> di
 def _manifest(adapter: ModelAdapter, weights: str, opset: int) -> dict:
     return {
         "format": FORMAT_NAME,
-        "format_version": 1,
+        "format_version": 2,  # 2: the q8 graph takes per-segment K scales + mem_key_segment (exact int8 memories)
         "created_by": f"emloc-edge {__version__}",
         "model_name": adapter.name,
         "model_family": adapter.family,

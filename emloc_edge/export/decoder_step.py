@@ -8,20 +8,26 @@ next-token logits and the new tokens' K/V, which the runtime appends to the rece
 Memory attention of one layer (kv KV heads, G = H / kv query heads per group, batch 1):
 
     q [H, T, hd] ── reshape ──► qg [kv, G*T, hd]  (G query heads of a KV group folded into rows)
-                                  │ × scaling  (q8: × mem_key_scale [kv, 1, hd], per-channel K scale)
+                                  │ × scaling
             ┌─────────────────────┼─────────────────────────────┐
             ▼                     ▼                             ▼
     @ mem_key_t [kv, hd, n]   @ rec_keyᵀ [kv, hd, t]      @ new_keyᵀ [kv, hd, T] + causal mask
-    (q8: Cast int8→f32)           │                             │
+    (q8: Cast int8→f32 × the      │                             │
+     segment scales per token)    │                             │
             │ s_mem [kv,G*T,n]    │ s_rec [kv,G*T,t]            │ s_new [kv,G*T,T]
             └──────────── Concat ─┴─ Softmax ─ Split ───────────┘
             ▼                     ▼                             ▼
     p_mem (q8: × mem_value_scale) p_rec                         p_new
     @ mem_value [kv, n, hd]   + @ rec_value [kv, t, hd]   + @ new_value [kv, T, hd]  ──► [kv, G*T, hd]
 
-The memory is never transposed, repeated per head, concatenated or dequantized at run time (those
-copies cost ~60 ms a step at 2000 tokens, onnx-runtime-notes §6); int8 tensors are only Cast, their
-scales folded into q and p.
+The memory is never transposed, repeated per head or concatenated at run time (those copies cost ~60 ms a
+step at 2000 tokens, onnx-runtime-notes §6). q8: K has one scale per channel per chunk segment
+(mem_key_scale [kv, hd, S]) and mem_key_segment [n] names each token's segment; the step expands the
+scales per token with a one-hot MatMul ([kv, hd, S] @ [S, n]: one 1 per column, so exact) and multiplies
+the Cast keys, so scores equal the dequantized memory's bit for bit. (Measured on 30 layers, n = 470,
+S = 13, 2 threads: this adds ~1.5 ms a step; a Gather of the scales along n is ~10x slower, and
+pre-scaling q once per segment costs S x the score MatMul, 5x slower at T = 1, 10x at T = 16.) The
+per-token V scales fold into p; the int8 V is only Cast.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ from torch import Tensor, nn
 from ..errors import BadInputError, ExportValidationError
 from ..models.base import ModelAdapter
 from ..models.decoder import rotate
+from ..runtime.memory_inputs import MEMORY_INPUT_AXES, memory_input_names
 from . import weights as weight_files
 
 GRAPHS = {"decoder_step": False, "decoder_step_q8": True}  # graph name -> takes an int8 memory
@@ -45,11 +52,9 @@ DATA_FILE = "decoder_weights.data"
 _EXAMPLE_T, _EXAMPLE_RECENT = 3, 2  # trace sizes >= 2 so no dim is specialised to 0/1 (notes §3)
 
 
-def memory_input_names(layer: int, quantized: bool) -> list[str]:
-    """Graph inputs of one layer, in the order DecoderStep.forward takes them."""
-    mem = [f"mem_key_t.{layer}", f"mem_value.{layer}"]
-    scales = [f"mem_key_scale.{layer}", f"mem_value_scale.{layer}"] if quantized else []
-    return mem + scales + [f"rec_key.{layer}", f"rec_value.{layer}"]
+def _layer_axes(quantized: bool) -> dict[str, tuple[str, ...]]:
+    """Base input name -> axes of one layer's inputs (declared once, in runtime/memory_inputs.py)."""
+    return MEMORY_INPUT_AXES["decoder_step_q8" if quantized else "decoder_step"]
 
 
 def input_names(num_layers: int, quantized: bool) -> list[str]:
@@ -69,7 +74,7 @@ class DecoderStep(nn.Module):
     forward(inputs_embeds [1, T, D] f32, position_ids [P, T] int64, *per_layer) with per_layer =
     for each layer i the tensors named by `memory_input_names(i, quantized)`:
         mem_key_t [kv, hd, n_i]  (f32, or int8 when quantized)   mem_value [kv, n_i, hd]
-        mem_key_scale [kv, hd, 1] f32, mem_value_scale [kv, n_i] f32   (quantized only)
+        mem_key_scale [kv, hd, S_i] f32, mem_key_segment [n_i] int32, mem_value_scale [kv, n_i] f32  (quantized only)
         rec_key [kv, t, hd] f32, rec_value [kv, t, hd] f32
     returns (logits [1, V] of the last token, new_key.0, new_value.0, ...), each new K/V [kv, T, hd].
     """
@@ -81,7 +86,8 @@ class DecoderStep(nn.Module):
         self.layers, self.norm, self.lm_head, self.rotary_emb = stack.layers, stack.norm, stack.lm_head, stack.rotary_emb
         self.geometry = adapter.geometry
         self.quantized = quantized
-        self.per_layer = 6 if quantized else 4
+        self.inputs = list(_layer_axes(quantized))  # base names of one layer's inputs
+        self.per_layer = len(self.inputs)
 
     def forward(self, inputs_embeds: Tensor, position_ids: Tensor, *per_layer: Tensor) -> tuple[Tensor, ...]:
         g = self.geometry
@@ -92,21 +98,17 @@ class DecoderStep(nn.Module):
         causal = causal[None].expand(g.group_size, T, T).reshape(g.group_size * T, T)  # [G*T, T], row g*T + t
         outs = []
         for i, layer in enumerate(self.layers):
-            tensors = per_layer[i * self.per_layer : (i + 1) * self.per_layer]
-            h, k, v = self._layer(layer, h, cos, sin, causal, *tensors)
+            tensors = dict(zip(self.inputs, per_layer[i * self.per_layer : (i + 1) * self.per_layer]))
+            h, k, v = self._layer(layer, h, cos, sin, causal, tensors)
             outs += [k, v]
         last = self.norm(h[:, -1:])  # [1, 1, D]; 3-D so lm_head exports as MatMul (quantizable)
         logits = self.lm_head(last).reshape(1, -1)  # [1, 1, V] -> [1, V]
         return (logits, *outs)
 
     def _layer(self, layer: nn.Module, h: Tensor, cos: Tensor, sin: Tensor, causal: Tensor,
-               key_t: Tensor, value: Tensor, *rest: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """One decoder layer: h [1, T, D] -> (h [1, T, D], new key, new value [kv, T, hd])."""
+               mem: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """One decoder layer: h [1, T, D], mem = this layer's inputs by base name -> (h [1, T, D], new key, new value [kv, T, hd])."""
         g = self.geometry
-        if self.quantized:
-            key_scale, value_scale, rec_key, rec_value = rest
-        else:
-            (rec_key, rec_value), key_scale, value_scale = rest, None, None
         attn = layer.self_attn
         T = h.shape[1]
         x = layer.input_layernorm(h)
@@ -115,30 +117,35 @@ class DecoderStep(nn.Module):
         v = attn.v_proj(x).view(1, T, g.num_kv_heads, g.head_dim).transpose(1, 2)  # -> [1, kv, T, hd]
         q, k = rotate(q, cos, sin)[0], rotate(k, cos, sin)[0]  # [H, T, hd], [kv, T, hd]
         v = v[0]  # [kv, T, hd]
-        out = self._attend(q, k, v, key_t, value, key_scale, value_scale, rec_key, rec_value, attn.scaling, causal)
+        out = self._attend(q, k, v, mem, attn.scaling, causal)
         out = out.reshape(g.num_heads, T, g.head_dim).transpose(0, 1).reshape(1, T, -1)  # [kv, G*T, hd] -> [1, T, H*hd]
         h = h + attn.o_proj(out)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         return h, k, v
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, key_t: Tensor, value: Tensor, key_scale: Tensor | None,
-                value_scale: Tensor | None, rec_key: Tensor, rec_value: Tensor, scaling: float, causal: Tensor) -> Tensor:
-        """q [H, T, hd]; k, v [kv, T, hd]; memory as in the module docstring -> [kv, G*T, hd]."""
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mem: dict[str, Tensor], scaling: float, causal: Tensor) -> Tensor:
+        """q [H, T, hd]; k, v [kv, T, hd]; mem: one layer's inputs as in the module docstring -> [kv, G*T, hd]."""
         g = self.geometry
         T = q.shape[1]
         qg = q.reshape(g.num_kv_heads, g.group_size * T, g.head_dim) * scaling  # [H, T, hd] -> [kv, G*T, hd]
-        q_mem = qg
-        if key_scale is not None:
-            q_mem = qg * key_scale.reshape(g.num_kv_heads, 1, g.head_dim)  # [kv, hd, 1] -> [kv, 1, hd]
-        s_mem = q_mem @ key_t.to(torch.float32)  # [kv, G*T, n]
-        s_rec = qg @ rec_key.transpose(1, 2)  # [kv, G*T, t]
+        key_t = mem["mem_key_t"].to(torch.float32)  # [kv, hd, n]
+        if self.quantized:
+            key_t = key_t * _per_token(mem["mem_key_scale"], mem["mem_key_segment"])  # [kv, hd, n]
+        s_mem = qg @ key_t  # [kv, G*T, n]
+        s_rec = qg @ mem["rec_key"].transpose(1, 2)  # [kv, G*T, t]
         s_new = (qg @ k.transpose(1, 2)).masked_fill(~causal, float("-inf"))  # [kv, G*T, T]
         n, t = s_mem.shape[-1], s_rec.shape[-1]
         p = torch.cat([s_mem, s_rec, s_new], dim=-1).softmax(-1)  # [kv, G*T, n + t + T]
         p_mem, p_rec, p_new = p.split([n, t, T], dim=-1)
-        if value_scale is not None:
-            p_mem = p_mem * value_scale.reshape(g.num_kv_heads, 1, -1)  # [kv, n] -> [kv, 1, n]
-        return p_mem @ value.to(torch.float32) + p_rec @ rec_value + p_new @ v  # [kv, G*T, hd]
+        if self.quantized:
+            p_mem = p_mem * mem["mem_value_scale"].reshape(g.num_kv_heads, 1, -1)  # [kv, n] -> [kv, 1, n]
+        return p_mem @ mem["mem_value"].to(torch.float32) + p_rec @ mem["rec_value"] + p_new @ v  # [kv, G*T, hd]
+
+
+def _per_token(scale: Tensor, segment: Tensor) -> Tensor:
+    """Segment scales [kv, hd, S] at each token's segment [n] int32 -> [kv, hd, n], exactly (a one-hot MatMul)."""
+    one_hot = torch.arange(scale.shape[-1], dtype=segment.dtype)[:, None] == segment[None, :]  # [S, n]
+    return scale @ one_hot.to(scale.dtype)  # [kv, hd, S] @ [S, n]: each column picks one scale (x 1, + 0s)
 
 
 # ---- example inputs ------------------------------------------------------------------------------------------
@@ -157,9 +164,11 @@ def example_inputs(
     }
     for i, n in enumerate(lengths):
         if quantized:
+            S = 2 + i % 3  # distinct segment counts >= 2 (notes §3)
             feeds[f"mem_key_t.{i}"] = rng.integers(-127, 128, (kv, hd, n), dtype=np.int8)
             feeds[f"mem_value.{i}"] = rng.integers(-127, 128, (kv, n, hd), dtype=np.int8)
-            feeds[f"mem_key_scale.{i}"] = (rng.random((kv, hd, 1)) * 0.02 + 1e-3).astype(np.float32)
+            feeds[f"mem_key_scale.{i}"] = (rng.random((kv, hd, S)) * 0.02 + 1e-3).astype(np.float32)
+            feeds[f"mem_key_segment.{i}"] = np.sort(rng.integers(0, S, n)).astype(np.int32)
             feeds[f"mem_value_scale.{i}"] = (rng.random((kv, n)) * 0.02 + 1e-3).astype(np.float32)
         else:
             feeds[f"mem_key_t.{i}"], feeds[f"mem_value.{i}"] = f32(kv, hd, n), f32(kv, n, hd)
@@ -185,9 +194,9 @@ def _export_one(module: DecoderStep, path: Path, opset: int) -> None:
     T, t = Dim("T", min=1, max=1 << 16), Dim("t", min=0, max=1 << 20)
     per_layer = []
     for i in range(g.num_layers):
-        n = Dim(f"n_{i}", min=0, max=1 << 20)
-        mem = [{2: n}, {1: n}] + ([None, {1: n}] if module.quantized else [])  # key_t, value, key/value scale
-        per_layer += mem + [{1: t}, {1: t}]  # rec_key, rec_value
+        dims = {"n": Dim(f"n_{i}", min=0, max=1 << 20), "S": Dim(f"S_{i}", min=1, max=1 << 20), "t": t}
+        for axes in _layer_axes(module.quantized).values():  # {axis: Dim} of each input, "kv"/"hd" static
+            per_layer.append({a: dims[name] for a, name in enumerate(axes) if name in dims} or None)
     dynamic_shapes = ({1: T}, {1: T}, tuple(per_layer))  # *per_layer is ONE nested tuple (notes §3)
     with torch.no_grad(), _quiet_exporter():
         torch.onnx.export(

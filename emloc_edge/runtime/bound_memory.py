@@ -30,21 +30,6 @@ class BoundMemory:
     stop_ids: frozenset[int] = field(default_factory=frozenset)
 
 
-def memory_variant(meta: MemoryMeta, memory_inputs: str, where: str | Path) -> str:
-    """The int8 graph needs one K scale per channel per layer; a memory of several chunks has one per
-    chunk, and merging them re-rounds K (measured on SmolLM2: logits move 0.18, 1 answer in 40
-    changes). So auto takes it only where it is exact and otherwise dequantizes once at load."""
-    if memory_inputs not in ("auto", "int8", "float"):
-        raise BadInputError(f"memory_inputs must be auto, int8 or float, got {memory_inputs!r}",
-                            parameters="memory_inputs")
-    int8 = meta.precision == "int8"
-    if memory_inputs == "int8" and not int8:
-        raise BadInputError(f"{where}: a {meta.precision} memory has no int8 inputs")
-    exact = int8 and len(meta.chunks) <= 1
-    use_int8 = memory_inputs == "int8" or (memory_inputs == "auto" and exact)
-    return "decoder_step_q8" if use_int8 else "decoder_step"
-
-
 class MemoryCache:
     """Bound memories by (checksum, variant), least recently used dropped first once over `max_bytes`.
 

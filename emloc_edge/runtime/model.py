@@ -4,7 +4,7 @@ number of task memories of that model. numpy, onnxruntime, tokenizers, pillow, s
     EdgeModel.open(model_dir) ──bind(memory)──► MemorySession   (shares the ONNX Runtime sessions;
                               ──bind(other)───► MemorySession    holds only its memory's tensors)
 
-The decoder graphs open on first use, each once: a memory needs one variant (memory_variant), so a
+The decoder graphs open on first use, each once: a memory needs one variant (memory_inputs.choose_variant), so a
 server of float memories never loads the int8 graph and vice versa. Bound memories are cached by the
 file's payload checksum in a byte-bounded LRU (`cache_bytes`).
 """
@@ -20,9 +20,9 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from ..memory import TaskMemory
-from .bound_memory import BoundMemory, MemoryCache, file_checksum, memory_checksum, memory_variant
+from .bound_memory import BoundMemory, MemoryCache, file_checksum, memory_checksum
 from .image_inputs import image_strategy
-from .memory_inputs import memory_feeds
+from .memory_inputs import choose_variant, memory_feeds
 from .model_folder import ModelFolder
 from .providers import select_providers
 
@@ -43,7 +43,7 @@ class EdgeModel:
     tokenizer: Tokenizer
     embed_tokens: np.ndarray  # [vocab, D], memory-mapped
     vision: ort.InferenceSession | None
-    memory_inputs: str = "auto"  # default variant choice for bind (see memory_variant)
+    memory_inputs: str = "auto"  # default variant choice for bind (see memory_inputs.choose_variant)
     max_new_tokens: int = 32  # default of the sessions bind returns
     cache: MemoryCache = field(default_factory=lambda: MemoryCache(DEFAULT_CACHE_BYTES))
     _decoders: dict[str, ort.InferenceSession] = field(default_factory=dict)
@@ -107,11 +107,11 @@ class EdgeModel:
         if checksum is not None:
             for variant in ("decoder_step", "decoder_step_q8"):  # the choice needs meta; try what is cached
                 hit = self.cache.get((checksum, variant))
-                if hit is not None and memory_variant(hit.meta, choice, where) == variant:
+                if hit is not None and choose_variant(self.folder.manifest, hit.meta, choice, where) == variant:
                     return hit
         loaded = loaded if loaded is not None else TaskMemory.load(memory)
         self.folder.check_memory(loaded, Path(where))
-        bound = self._bound(loaded, memory_variant(loaded.meta, choice, where), where,
+        bound = self._bound(loaded, choose_variant(self.folder.manifest, loaded.meta, choice, where), where,
                             checksum or memory_checksum(loaded))
         return self.cache.put((bound.checksum, bound.variant), bound)
 

@@ -18,7 +18,7 @@ from ..errors import ModelLoadError, ModelMismatchError
 
 MANIFEST = "manifest.json"
 FORMAT_NAME = "emloc-edge-model"
-SUPPORTED_VERSIONS = (1,)
+SUPPORTED_VERSIONS = (1, 2)  # 1: its q8 graph takes one K scale per layer; int8 memories then run dequantized
 _REQUIRED = ("format", "format_version", "model_name", "model_family", "model_fingerprint", "geometry",
              "weights", "template", "graphs", "embed_tokens", "tokenizer")
 
