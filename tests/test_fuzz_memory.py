@@ -467,3 +467,13 @@ def test_a_killed_save_leaves_a_temp_file_that_the_next_save_removes(tmp_path):
     assert (tmp_path / "task.emloc").read_bytes() == before  # the old file is intact
     BASE.save(tmp_path / "task.emloc")
     assert os.listdir(tmp_path) == ["task.emloc"]
+
+
+@pytest.mark.parametrize("name", ["x" * 5000, "a\x00b"])
+def test_unusable_paths_are_one_line_errors(tmp_path, name):
+    from emloc_edge.errors import ModelLoadError
+
+    with pytest.raises(MemoryFileError):
+        TaskMemory.load(tmp_path / name)
+    with pytest.raises(ModelLoadError):
+        ModelFolder.open(tmp_path / name)

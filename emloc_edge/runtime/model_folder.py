@@ -34,7 +34,11 @@ class ModelFolder:
     @classmethod
     def open(cls, path: str | Path) -> "ModelFolder":
         path = Path(path)
-        if not path.is_dir():
+        try:
+            is_dir = path.is_dir()
+        except (OSError, ValueError) as e:  # a name too long, a NUL byte
+            raise ModelLoadError(f"{str(path)[:300]}: unusable model folder path ({getattr(e, 'strerror', None) or e})") from None
+        if not is_dir:
             raise ModelLoadError(f"{path}: no such exported model folder (run `emloc-edge export` first)")
         file = path / MANIFEST
         try:
