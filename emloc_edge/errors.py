@@ -8,13 +8,17 @@ can add its own flag wording (`--max-new-tokens`).
 from __future__ import annotations
 
 
+#: Every character str.splitlines() breaks at, shown escaped, so that a message is always one line.
+_ONE_LINE = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
 class EmlocError(Exception):
     """Base of every error the CLI reports as a one-line message (exit code 2 unless a subclass says otherwise)."""
 
     exit_code = 2
 
     def __init__(self, message: str = "", *, parameters: tuple[str, ...] | str = ()) -> None:
-        super().__init__(message)
+        super().__init__(str(message).translate(_ONE_LINE))  # a path or value may hold line breaks
         self.parameters = (parameters,) if isinstance(parameters, str) else tuple(parameters)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from emloc_edge.errors import EmlocError, MemoryFileError, ModelMismatchError
 from emloc_edge.memory import FORMAT_NAME, TaskMemory, payload_sha256
@@ -43,7 +43,8 @@ json_values = st.recursive(
     max_leaves=12,
 )
 raw_values = st.sampled_from(["[" * 5000 + "]" * 5000, "1" * 5000, "-" + "9" * 4500, "1e999999", "{" * 100 + "}" * 100,
-                              '{"a":' * 40 + "1" + "}" * 40, "[" * 40 + "]" * 40])
+                              '{"a":' * 40 + "1" + "}" * 40, "[" * 40 + "]" * 40, "NaN", "Infinity", "-Infinity",
+                              "1e400", '{"x": NaN}', "[1e999]"])
 
 
 def _paths(obj, prefix=()):
@@ -120,8 +121,10 @@ def assert_loads_or_one_line(path: Path) -> TaskMemory | None:
         memory = TaskMemory.load(path)
     except MemoryFileError as e:
         msg = str(e)
-        assert msg.startswith(f"{path}: ") and "\n" not in msg and len(msg) < 1000, msg
+        assert msg.startswith(f"{path}: ") and len(msg.splitlines()) == 1 and len(msg) < 1000, msg
+        event("refused: " + " ".join(msg[len(str(path)) + 2:].split()[:3]))  # --hypothesis-show-statistics
         return None
+    event("loaded")
     exercise(memory)
     return memory
 
@@ -162,7 +165,8 @@ def crafted_tensors(draw) -> dict:
         if kind == "delete":
             tensors.pop(name, None)
         elif kind == "dtype":
-            tensors[name] = old.astype(draw(dtypes))
+            with np.errstate(all="ignore"):  # NaN cast to an integer dtype is garbage on purpose
+                tensors[name] = old.astype(draw(dtypes))
         elif kind == "shape":
             shape = draw(st.lists(st.integers(0, 12), min_size=0, max_size=4))
             tensors[name] = np.zeros(shape, draw(dtypes))
@@ -315,7 +319,7 @@ def test_memory_the_model_folder_accepts_is_usable(meta_text):
         try:
             folder.check_memory(loaded, path)
         except ModelMismatchError as e:
-            assert str(e).startswith(f"{path}: ") and "\n" not in str(e)
+            assert str(e).startswith(f"{path}: ") and len(str(e).splitlines()) == 1
             return
     m = loaded.meta  # accepted: everything render_query and the decode loop read works
     prefix, suffix = m.template["query_text"]
@@ -421,3 +425,57 @@ def test_runtime_refuses_what_the_loader_accepts_but_the_model_cannot_run(tmp_pa
         with pytest.raises(ModelMismatchError, match=named):
             folder.check_memory(memory, tmp_path / "m.emloc")
     assert issubclass(ModelMismatchError, EmlocError)
+
+
+CLI_EXAMPLES = 150
+
+
+@settings(max_examples=CLI_EXAMPLES, **FUZZ)
+@given(meta_text=crafted_meta_text(), as_json=st.booleans())
+def test_inspect_of_a_crafted_memory_prints_it_or_one_error_line(meta_text, as_json):
+    """Through the CLI: exit 0, or exit 2 with one `error:` line on stderr and no traceback."""
+    from click.testing import CliRunner
+
+    from emloc_edge.cli import main
+
+    with _tmp() as d:
+        path = Path(d) / "m.emloc"
+        write_raw(path, BASE_TENSORS, meta_text)
+        r = CliRunner().invoke(main, ["inspect", str(path)] + (["--json"] if as_json else []))
+    assert r.exit_code in (0, 2) and type(r.exception) in (type(None), SystemExit), (r.exception, r.output)
+    if r.exit_code == 2:
+        assert r.stdout == "" and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_a_killed_save_leaves_a_temp_file_that_the_next_save_removes(tmp_path):
+    """A real kill (SIGKILL in the middle of writing), not a simulated one."""
+    import subprocess
+    import sys
+
+    BASE.save(tmp_path / "task.emloc")
+    before = (tmp_path / "task.emloc").read_bytes()
+    code = ("import os, signal, sys; sys.path.insert(0, sys.argv[2])\n"
+            "from emloc_edge.memory import format as f\n"
+            "from test_fuzz_memory import BASE\n"
+            "def killed(tensors, filename, metadata=None):\n"
+            "    open(filename, 'wb').write(b'half a memory'); os.kill(os.getpid(), signal.SIGKILL)\n"
+            "f.save_file = killed\n"
+            "BASE.save(sys.argv[1])\n")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "task.emloc"), str(Path(__file__).parent)],
+                         capture_output=True, cwd=tmp_path)
+    assert run.returncode == -9, run.stderr
+    left = sorted(os.listdir(tmp_path))
+    assert len(left) == 2 and left[0].startswith(".task.emloc.") and left[0].endswith(".tmp"), left
+    assert (tmp_path / "task.emloc").read_bytes() == before  # the old file is intact
+    BASE.save(tmp_path / "task.emloc")
+    assert os.listdir(tmp_path) == ["task.emloc"]
+
+
+@pytest.mark.parametrize("name", ["x" * 5000, "a\x00b"])
+def test_unusable_paths_are_one_line_errors(tmp_path, name):
+    from emloc_edge.errors import ModelLoadError
+
+    with pytest.raises(MemoryFileError):
+        TaskMemory.load(tmp_path / name)
+    with pytest.raises(ModelLoadError):
+        ModelFolder.open(tmp_path / name)

@@ -172,3 +172,18 @@ def test_unknown_image_processor_is_one_line_error():
 
     assert set(STRATEGIES) == {"qwen2_vl", "square"}
     raises_one_line("image processor 'mystery' is not supported", image_strategy, {"processor": "mystery"}, {}, "x")
+
+
+def test_run_stderr_has_no_pillow_warning_for_corrupt_exif(e2e, tmp_path):
+    """An image whose EXIF is cut short: Pillow warns while reading it; `run` still prints only the answer."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 1, "a camera maker with a long name"
+    image = tmp_path / "exif.webp"
+    Image.open(e2e.query[0]).convert("RGB").save(image, "WEBP", exif=exif.tobytes()[:-1])
+    cmd = [sys.executable, "-W", "always", "-m", "emloc_edge.cli", "run", str(image), "--question", QUESTION,
+           "--memory", str(e2e.memory), "--model", str(e2e.model), "--max-new-tokens", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert len(done.stdout.splitlines()) == 1

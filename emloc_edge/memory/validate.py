@@ -95,8 +95,8 @@ def loads_bounded(text: str) -> object:
 
     Deep nesting that json.loads survives would still break dataclasses.asdict (Python recursion) when
     the meta is written back, so the depth is bounded too."""
-    try:
-        obj = json.loads(text)
+    try:  # NaN / Infinity / 1e999: never written (allow_nan=False), and they would break writing the meta back
+        obj = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError, as is a 5,000-digit int
         raise FieldError(f"{str(e).splitlines()[0][:80] if str(e) else type(e).__name__}") from None
     stack = [(obj, 1)]
@@ -109,6 +109,17 @@ def loads_bounded(text: str) -> object:
         elif isinstance(x, list):
             stack.extend((v, depth + 1) for v in x)
     return obj
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return x
 
 
 def check_header(header: dict, path: str) -> None:

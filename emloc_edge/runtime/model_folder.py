@@ -22,6 +22,9 @@ SUPPORTED_VERSIONS = (1, 2)  # 1: its q8 graph takes one K scale per layer; int8
 _REQUIRED = ("format", "format_version", "model_name", "model_family", "model_fingerprint", "geometry",
              "weights", "template", "graphs", "embed_tokens", "tokenizer")
 
+_TYPES = {"geometry": dict, "template": dict, "graphs": dict, "embed_tokens": str, "tokenizer": str,
+          "model_fingerprint": str, "model_family": str, "model_name": str}
+
 
 @dataclass(frozen=True)
 class ModelFolder:
@@ -31,20 +34,27 @@ class ModelFolder:
     @classmethod
     def open(cls, path: str | Path) -> "ModelFolder":
         path = Path(path)
-        if not path.is_dir():
+        try:
+            is_dir = path.is_dir()
+        except (OSError, ValueError) as e:  # a name too long, a NUL byte
+            raise ModelLoadError(f"{str(path)[:300]}: unusable model folder path ({getattr(e, 'strerror', None) or e})") from None
+        if not is_dir:
             raise ModelLoadError(f"{path}: no such exported model folder (run `emloc-edge export` first)")
         file = path / MANIFEST
         try:
             manifest = json.loads(file.read_text())
         except FileNotFoundError:
             raise ModelLoadError(f"{file}: missing; {path} is not an exported model folder") from None
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"{file}: unreadable manifest ({e})") from None
+        except (OSError, ValueError, RecursionError) as e:
+            raise ModelLoadError(f"{file}: unreadable manifest ({str(e)[:120] or type(e).__name__})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
             raise ModelLoadError(f"{file}: not an emloc-edge model manifest")
         missing = [k for k in _REQUIRED if k not in manifest]
         if missing:
             raise ModelLoadError(f"{file}: missing field {missing[0]!r}")
+        wrong = next((k for k, t in _TYPES.items() if not isinstance(manifest[k], t)), None)
+        if wrong or not all(isinstance(g, dict) and isinstance(g.get("file"), str) for g in manifest["graphs"].values()):
+            raise ModelLoadError(f"{file}: field {wrong or 'graphs'!r} is malformed; re-export the model")
         if manifest["format_version"] not in SUPPORTED_VERSIONS:
             raise ModelLoadError(f"{file}: format version {manifest['format_version']} is not supported "
                                  f"(this emloc-edge reads {', '.join(map(str, SUPPORTED_VERSIONS))})")
