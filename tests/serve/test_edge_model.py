@@ -29,7 +29,7 @@ def _copies(task, tmp_path, n: int) -> list:
 def test_bound_sessions_share_graphs_and_answer_like_edge_session(text_task):
     model = EdgeModel.open(text_task.model, provider="cpu", max_new_tokens=MAX)
     sessions = {name: model.bind(text_task.memories / f"{name}.emloc") for name in text_task.names}
-    assert sessions["full"].decoder is sessions["int8chunks"].decoder  # both float: one graph
+    assert sessions["int8one"].decoder is sessions["int8chunks"].decoder  # both int8: one q8 graph
     assert sessions["int8one"].decoder is not sessions["full"].decoder  # the q8 graph, opened on demand
     assert sessions["full"].tokenizer is sessions["int8one"].tokenizer is model.tokenizer
     for name, _, question in text_task.queries:
