@@ -33,8 +33,7 @@ def quantize_weights(model: onnx.ModelProto, weights: str) -> onnx.ModelProto:
         raise BadInputError(f"--weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
     if weights == "fp32":
         return model
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
+    MatMulNBitsQuantizer = _quantizer_class()
     quantizer = MatMulNBitsQuantizer(model, bits=_BITS[weights], block_size=_BLOCK_SIZE,
                                      is_symmetric=True, accuracy_level=_ACCURACY_LEVEL)
     with _quiet("onnxruntime.quantization"):  # it logs every node at INFO
@@ -96,6 +95,19 @@ def _load(path: Path, weights: str) -> onnx.ModelProto:
     for node in model.graph.node:
         del node.metadata_props[:]
     return model
+
+
+def _quantizer_class():
+    """onnxruntime's MatMulNBitsQuantizer, imported without the INFO-level root logging its module
+    configures on import (which would print every later onnx_ir pass of the process)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return MatMulNBitsQuantizer
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 
 from ..errors import BadInputError
 from ..memory import TaskMemory
+from .embeddings import load_embeddings
 from .image_inputs import image_strategy
 from .memory_inputs import memory_feeds
 from .model_folder import ModelFolder
@@ -85,7 +86,7 @@ class EdgeSession:
             if self.vision is not None and settings else None
         )
         self.tokenizer = Tokenizer.from_file(str(self.folder.path / self.folder.manifest["tokenizer"]))
-        self.embed_tokens = np.load(self.folder.path / self.folder.manifest["embed_tokens"], mmap_mode="r", allow_pickle=False)
+        self.embed_tokens = load_embeddings(self.folder.path, self.folder.manifest)  # [V, D] rows on demand
         # The memory goes to the device once; each call binds these values by reference.
         self.bound_memory = {
             name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device, 0)
