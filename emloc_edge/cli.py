@@ -160,12 +160,14 @@ def inspect(memory_file: Path, as_json: bool) -> None:
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Folder to write the exported model to (replaced atomically if it is an earlier export) "
                    "[default with the embedded model: where `run` looks for it].")
-@click.option("--weights", type=click.Choice(["fp32", "int8", "int4"]), default="fp32", show_default=True,
-              help="Decoder weight precision (int8/int4: MatMulNBits, block 32, accuracy level 4).")
-@click.option("--no-validate", is_flag=True, help="Skip the ONNX-vs-PyTorch check of every decoder output.")
+@click.option("--weights", type=click.Choice(["fp32", "int8", "int4"]), default="int8", show_default=True,
+              help="Decoder weight precision (int8/int4: MatMulNBits, block 32, accuracy level 4; int8 embedding table).")
+@click.option("--no-validate", is_flag=True, help="Skip the ONNX-vs-PyTorch check of every decoder output (fp32 traces).")
+@click.option("--progress/--no-progress", " /-q", default=True, show_default=True,
+              help="One line per export step on stderr, with its time (-q: none).")
 @json_option
 @handle_errors
-def export(model: Path, out_dir: Path, weights: str, no_validate: bool, as_json: bool) -> None:
+def export(model: Path, out_dir: Path, weights: str, no_validate: bool, progress: bool, as_json: bool) -> None:
     """Export the model as ONNX graphs (decoder step, vision encoder) with tokenizer and manifest.
 
     One export serves any number of task memories compiled with the same model. Needs the
@@ -180,7 +182,9 @@ def export(model: Path, out_dir: Path, weights: str, no_validate: bool, as_json:
         out_dir = default_export_dir()
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    manifest = export_model(_model_or_default(model), out_dir, weights=weights, validate=not no_validate)
+    with _StepLines(disable=not progress) as steps:
+        manifest = export_model(_model_or_default(model), out_dir, weights=weights, validate=not no_validate,
+                                progress=steps)
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     summary = {"output": str(out_dir), "model": manifest["model_name"], "weights": weights,
                "graphs": sorted(manifest["graphs"]), "bytes": size,
@@ -188,6 +192,30 @@ def export(model: Path, out_dir: Path, weights: str, no_validate: bool, as_json:
                "seconds": round(time.perf_counter() - started, 1)}
     _emit(as_json, summary, f"exported {summary['model']} ({weights} weights; {', '.join(summary['graphs'])}) "
                             f"-> {out_dir} ({_size(size)}) in {summary['seconds']:.1f} s")
+
+
+class _StepLines:
+    """`progress(step)` for export_model: "step ... 6.9 s" on stderr, one line per step as it ends."""
+
+    def __init__(self, disable: bool = False) -> None:
+        self.disable, self.open, self.started = disable, False, 0.0
+
+    def __enter__(self) -> "_StepLines":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._end()
+
+    def __call__(self, step: str) -> None:
+        self._end()
+        if not self.disable:
+            click.echo(f"{step} ...", nl=False, err=True)
+            self.open, self.started = True, time.perf_counter()
+
+    def _end(self) -> None:
+        if self.open:
+            click.echo(f" {time.perf_counter() - self.started:.1f} s", err=True)
+            self.open = False
 
 
 @main.command()
@@ -337,9 +365,10 @@ def _default_export() -> Path:
                             "machine with the [compile] extra and copy the folder here, or give --model")
     from .export.api import export_model
 
-    click.echo(f"exporting the embedded model to {folder} (once, a few minutes) ...", err=True)
+    click.echo(f"exporting the embedded model to {folder} (once, under a minute):", err=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    export_model(_model_or_default(None), folder)
+    with _StepLines() as steps:
+        export_model(_model_or_default(None), folder, weights="int8", progress=steps)
     return folder
 
 

@@ -31,11 +31,11 @@ per-token V scales fold into p; the int8 V is only Cast.
 """
 from __future__ import annotations
 
-import logging
 import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ from . import weights as weight_files
 
 GRAPHS = {"decoder_step": False, "decoder_step_q8": True}  # graph name -> takes an int8 memory
 DATA_FILE = "decoder_weights.data"
+StepProgress = Callable[[str], None]  # called with a step's name as it starts
 _EXAMPLE_T, _EXAMPLE_RECENT = 3, 2  # trace sizes >= 2 so no dim is specialised to 0/1 (notes §3)
 
 
@@ -184,64 +185,81 @@ def _example_lengths(num_layers: int) -> list[int]:
 
 
 def _export_one(module: DecoderStep, path: Path, opset: int) -> None:
-    """torch.onnx.export (dynamo) of one variant to `path` (+ its own external data next to it)."""
-    from torch.export import Dim
+    """Trace one variant with the TorchScript exporter to `path` (one self-contained file; < 2 GiB).
 
+    Measured on the embedded model (30 layers, 2 CPU cores): ~7 s a graph, where torch.onnx.export's
+    dynamo path took 50-75 s (torch.export, decompositions and onnxscript's rewriter, each linear in the
+    layer count), for the same graph speed under ONNX Runtime and the same agreement with PyTorch. A trace
+    that specialised a size would show as a mismatch in `validate_decoder_step`, which feeds other sizes.
+    """
     g = module.geometry
     names = input_names(g.num_layers, module.quantized)
     feeds = example_inputs(g, module.quantized, _EXAMPLE_T, _EXAMPLE_RECENT, _example_lengths(g.num_layers))
     args = tuple(torch.from_numpy(feeds[name]) for name in names)
-    T, t = Dim("T", min=1, max=1 << 16), Dim("t", min=0, max=1 << 20)
-    per_layer = []
-    for i in range(g.num_layers):
-        dims = {"n": Dim(f"n_{i}", min=0, max=1 << 20), "S": Dim(f"S_{i}", min=1, max=1 << 20), "t": t}
-        for axes in _layer_axes(module.quantized).values():  # {axis: Dim} of each input, "kv"/"hd" static
-            per_layer.append({a: dims[name] for a, name in enumerate(axes) if name in dims} or None)
-    dynamic_shapes = ({1: T}, {1: T}, tuple(per_layer))  # *per_layer is ONE nested tuple (notes §3)
-    with torch.no_grad(), _quiet_exporter():
+    with torch.no_grad(), quiet_torchscript_exporter():
         torch.onnx.export(
-            module, args, str(path), dynamo=True, opset_version=opset, external_data=True,
-            input_names=names, output_names=output_names(g.num_layers),
-            dynamic_shapes=dynamic_shapes, optimize=True, verify=False, report=False, verbose=False,
+            module, args, str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
+            input_names=names, output_names=output_names(g.num_layers), dynamic_axes=_dynamic_axes(g, module.quantized),
         )
 
 
+def _dynamic_axes(g, quantized: bool) -> dict[str, dict[int, str]]:
+    """Named dynamic dims of every input and output: T new tokens, t recent tokens, n_i memory tokens and
+    S_i K-scale segments of layer i (the per-layer axes are declared once, in runtime/memory_inputs.py)."""
+    axes = {"inputs_embeds": {1: "T"}, "position_ids": {1: "T"}}
+    for i in range(g.num_layers):
+        dims = {"n": f"n_{i}", "S": f"S_{i}", "t": "t"}  # kv, hd are static
+        for base, names in _layer_axes(quantized).items():
+            axes[f"{base}.{i}"] = {a: dims[name] for a, name in enumerate(names) if name in dims}
+        axes[f"new_key.{i}"] = axes[f"new_value.{i}"] = {1: "T"}
+    return axes
+
+
 @contextmanager
-def _quiet_exporter():
-    """Silence exporter noise that says nothing about our graph; other warnings still show."""
-    registration = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
-    level = registration.level
-    registration.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            # one Dim shared by several inputs (T, t) is reported once per extra use
-            warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
-            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning)
-            yield
-    finally:
-        registration.setLevel(level)
+def quiet_torchscript_exporter():
+    """Silence TorchScript-exporter noise that says nothing about our graphs; other warnings still show."""
+    with warnings.catch_warnings():
+        # Shapes read in forward() (T, t, n) are traced as graph ops; the tracer warns about each anyway.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
+        # torch >= 2.9 marks this exporter legacy in favour of dynamo (why we keep it: see `_export_one`).
+        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
+        yield
 
 
-def export_decoder_step(adapter: ModelAdapter, out_dir: Path, weights: str = "fp32", opset: int = 18) -> dict:
+def export_decoder_step(adapter: ModelAdapter, out_dir: Path, weights: str = "fp32", opset: int = 18,
+                        validate: bool = False, progress: StepProgress | None = None) -> dict:
     """Write decoder_step.onnx, decoder_step_q8.onnx and their one shared decoder_weights.data into out_dir.
 
-    weights: fp32 (as exported) | int8 | int4 (MatMulNBits, block 32, accuracy level 4). Returns the
-    manifest section {"graphs": {name: {"file", "weights_file", "memory", "inputs", "outputs"}}, "weights",
-    "opset"}; "memory" is the dtype of the graph's mem_key_t / mem_value inputs (float32 | int8).
+    weights: fp32 (as exported) | int8 | int4 (MatMulNBits, block 32, accuracy level 4). With `validate`,
+    the fp32 traces are checked against PyTorch (`validate_decoder_step`) before their weights are
+    quantized, so an export bug fails at the 1e-3 gate whatever the weights; quantization itself is a
+    deterministic rewrite of MatMul weights, measured apart (tests, benchmarks). `progress(step)` is
+    called as each step starts. Returns the manifest section {"graphs": {name: {"file", "weights_file",
+    "memory", "inputs", "outputs"}}, "weights", "opset"[, "validation_max_scaled_diff"]}; "memory" is the
+    dtype of the graph's mem_key_t / mem_value inputs (float32 | int8).
     """
     if weights not in weight_files.WEIGHT_FORMATS:
         raise BadInputError(f"weights must be one of {', '.join(weight_files.WEIGHT_FORMATS)}, got {weights!r}",
                             parameters="weights")
+    step = progress or (lambda name: None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     g = adapter.geometry
+    section: dict = {}
     with tempfile.TemporaryDirectory(prefix="emloc-export-") as tmp:
         staged = {}
         for name, quantized in GRAPHS.items():
+            step(f"tracing {name}")
             staged[name] = Path(tmp) / f"{name}.onnx"
             _export_one(DecoderStep(adapter, quantized).eval(), staged[name], opset)
+        if validate:
+            step("validating the fp32 traces against PyTorch")
+            section["validation_max_scaled_diff"] = validate_decoder_step(adapter, Path(tmp))
+        step(f"writing decoder weights ({weights})" if weights == "fp32" else f"quantizing decoder weights to {weights}")
         weight_files.save_shared(staged, out_dir, DATA_FILE, weights)
-    return {
+    section.update({
         "graphs": {
             name: {
                 "file": f"{name}.onnx",
@@ -254,7 +272,8 @@ def export_decoder_step(adapter: ModelAdapter, out_dir: Path, weights: str = "fp
         },
         "weights": weights,
         "opset": opset,
-    }
+    })
+    return section
 
 
 # ---- validation ----------------------------------------------------------------------------------------------

@@ -69,5 +69,18 @@ def write_onnx(module: nn.Module, args: tuple, path: Path, input_names: list[str
         )
 
 
+def write_onnx_traced(module: nn.Module, args: tuple, path: Path, input_names: list[str],
+                      dynamic_axes: dict[str, dict[int, str]], opset: int) -> None:
+    """The TorchScript exporter (dynamo=False) for graphs without data-dependent shapes: ~1 s where dynamo
+    takes ~6 s (EfficientNet-Lite0). Weights stay inside the .onnx file (< 2 GiB)."""
+    from .decoder_step import quiet_torchscript_exporter
+
+    with quiet_torchscript_exporter():
+        torch.onnx.export(
+            module, args, str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
+            input_names=input_names, output_names=[OUTPUT_NAME], dynamic_axes=dynamic_axes,
+        )
+
+
 # Importing the family modules registers their exporters.
 from . import vision_qwen2_vl, vision_tiny_vlm  # noqa: E402,F401

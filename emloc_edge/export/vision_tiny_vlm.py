@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .vision import OUTPUT_NAME, register_vision, write_onnx
+from .vision import OUTPUT_NAME, register_vision, write_onnx_traced
 
 #: Images in the example batch: >= 2, so the batch dim is not specialised to 1.
 _EXAMPLE_IMAGES = 2
@@ -25,8 +25,8 @@ def export_tiny_vlm_vision(adapter: Any, path: Path, opset: int) -> dict[str, An
     size, tokens = int(adapter.config["image_size"]), adapter.image_tokens
     hidden = int(adapter.vision.projector.codebook.shape[1])
     pixels = torch.randn(_EXAMPLE_IMAGES, 3, size, size, generator=torch.Generator().manual_seed(0))
-    images = torch.export.Dim("images", min=1, max=1024)
-    write_onnx(adapter.vision.eval(), (pixels,), path, ["pixel_values"], {"pixels": {0: images}}, opset)
+    axes = {"pixel_values": {0: "images"}, OUTPUT_NAME: {0: "images"}}
+    write_onnx_traced(adapter.vision.eval(), (pixels,), path, ["pixel_values"], axes, opset)
     return {
         "image_size": size,
         "image_tokens": tokens,

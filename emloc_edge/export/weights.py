@@ -25,6 +25,7 @@ _ACCURACY_LEVEL = 4  # int8 activations in the MatMulNBits kernel; without it bi
 _THRESHOLD = 1024  # bytes: initializers at least this large go to the shared file, smaller stay in the graph
 
 _Key = tuple[int, tuple[int, ...], bytes]  # (ONNX dtype, dims, sha256 of the raw bytes)
+_Known = dict  # _Key of an fp32 MatMul weight -> (its MatMulNBits node, [that node's weight initializers])
 
 
 def quantize_weights(model: onnx.ModelProto, weights: str) -> onnx.ModelProto:
@@ -33,8 +34,7 @@ def quantize_weights(model: onnx.ModelProto, weights: str) -> onnx.ModelProto:
         raise BadInputError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}", parameters="weights")
     if weights == "fp32":
         return model
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
+    MatMulNBitsQuantizer = _quantizer_class()
     quantizer = MatMulNBitsQuantizer(model, bits=_BITS[weights], block_size=_BLOCK_SIZE,
                                      is_symmetric=True, accuracy_level=_ACCURACY_LEVEL)
     with _quiet("onnxruntime.quantization"):  # it logs every node at INFO
@@ -52,7 +52,8 @@ def save_shared(staged: dict[str, Path], out_dir: Path, data_file: str, weights:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / data_file).unlink(missing_ok=True)  # onnx appends to an existing data file (notes §5)
     first, *rest = staged
-    model = _load(staged[first], weights)
+    known: _Known = {}  # quantize each distinct weight once: the graphs hold the same ones
+    model = _load(staged[first], weights, known)
     keys = [_key(t) for t in model.graph.initializer]  # before saving moves the bytes out
     for name in staged:
         (out_dir / f"{name}.onnx").unlink(missing_ok=True)
@@ -64,7 +65,7 @@ def save_shared(staged: dict[str, Path], out_dir: Path, data_file: str, weights:
     inline = {first: _inline_bytes(model)}
     del model
     for name in rest:
-        other = _load(staged[name], weights)
+        other = _load(staged[name], weights, known)
         for tensor in other.graph.initializer:
             entries = index.get(_key(tensor))
             if entries is not None:
@@ -90,12 +91,76 @@ def has_quantized_weights(path: Path) -> bool:
     return any(node.op_type == "MatMulNBits" for node in model.graph.node)
 
 
-def _load(path: Path, weights: str) -> onnx.ModelProto:
-    """A staged graph, quantized, without the exporter's per-node debug metadata (3/4 of the graph bytes)."""
-    model = quantize_weights(onnx.load(str(path)), weights)
+def _load(path: Path, weights: str, known: _Known) -> onnx.ModelProto:
+    """A staged graph, quantized, without the exporter's per-node debug metadata (3/4 of the graph bytes).
+
+    `known` maps the key of an fp32 MatMul weight to the MatMulNBits node and initializers an earlier
+    graph's quantization made of it; those are reused as they are (the quantizer is deterministic, so
+    this is what quantizing again would give, at half the export's quantization time), then the
+    quantizer handles whatever is left, and its results are added to `known`.
+    """
+    model = onnx.load(str(path))
+    if weights != "fp32":
+        weight_keys = _matmul_weight_keys(model)  # MatMul output name -> its weight's key
+        _reuse_known(model, known, weight_keys)
+        model = quantize_weights(model, weights)
+        inits = {t.name: t for t in model.graph.initializer}
+        for node in model.graph.node:
+            if node.op_type == "MatMulNBits" and node.output[0] in weight_keys:
+                known.setdefault(weight_keys[node.output[0]], (node, [inits[n] for n in node.input[1:] if n]))
     for node in model.graph.node:
         del node.metadata_props[:]
     return model
+
+
+def _matmul_weight_keys(model: onnx.ModelProto) -> dict[str, _Key]:
+    inits = {t.name: t for t in model.graph.initializer}
+    keys = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            key = _key(inits[node.input[1]])
+            if key is not None:
+                keys[node.output[0]] = key
+    return keys
+
+
+def _reuse_known(model: onnx.ModelProto, known: _Known, keys: dict[str, _Key]) -> None:
+    """Replace each MatMul whose weight is in `known` by that MatMulNBits node (same initializers)."""
+    if not known:
+        return
+    graph = model.graph
+    have = {t.name for t in graph.initializer}
+    for i, node in enumerate(graph.node):
+        entry = known.get(keys.get(node.output[0])) if node.op_type == "MatMul" else None
+        if entry is None:
+            continue
+        template, tensors = entry
+        q = onnx.NodeProto()
+        q.CopyFrom(template)
+        q.input[0], q.output[0], q.name = node.input[0], node.output[0], f"{node.name}_Q" if node.name else ""
+        graph.node[i].CopyFrom(q)
+        for t in tensors:
+            if t.name not in have:
+                graph.initializer.append(t)
+                have.add(t.name)
+    used = {n for node in graph.node for n in node.input}
+    used |= {o.name for o in graph.output}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def _quantizer_class():
+    """onnxruntime's MatMulNBitsQuantizer, imported without the INFO-level root logging its module
+    configures on import (which would print every later onnx_ir pass of the process)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return MatMulNBitsQuantizer
 
 
 @contextmanager
@@ -110,9 +175,12 @@ def _quiet(logger_name: str):
 
 
 def _key(tensor: TensorProto) -> _Key | None:
-    if not tensor.HasField("raw_data") or len(tensor.raw_data) < _THRESHOLD:
+    if not tensor.HasField("raw_data"):
         return None
-    return tensor.data_type, tuple(tensor.dims), hashlib.sha256(tensor.raw_data).digest()
+    raw = tensor.raw_data  # each access copies the bytes
+    if len(raw) < _THRESHOLD:
+        return None
+    return tensor.data_type, tuple(tensor.dims), hashlib.sha256(raw).digest()
 
 
 def _inline_bytes(model: onnx.ModelProto) -> int:

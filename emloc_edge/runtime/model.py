@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 
 from ..memory import TaskMemory
 from .bound_memory import BoundMemory, MemoryCache, file_checksum, memory_checksum
+from .embeddings import EmbeddingTable, load_embeddings
 from .image_inputs import image_strategy
 from .memory_inputs import choose_variant, memory_feeds
 from .model_folder import ModelFolder
@@ -41,7 +42,7 @@ class EdgeModel:
     providers: list[str]
     options: ort.SessionOptions
     tokenizer: Tokenizer
-    embed_tokens: np.ndarray  # [vocab, D], memory-mapped
+    embed_tokens: EmbeddingTable  # [vocab, D], memory-mapped, rows dequantized on demand
     vision: ort.InferenceSession | None
     memory_inputs: str = "auto"  # default variant choice for bind (see memory_inputs.choose_variant)
     max_new_tokens: int = 32  # default of the sessions bind returns
@@ -61,7 +62,7 @@ class EdgeModel:
         vision = (ort.InferenceSession(str(folder.graph("vision")), options, providers=providers)
                   if folder.has_vision else None)
         tokenizer = Tokenizer.from_file(str(folder.path / folder.manifest["tokenizer"]))
-        embed = np.load(folder.path / folder.manifest["embed_tokens"], mmap_mode="r", allow_pickle=False)
+        embed = load_embeddings(folder.path, folder.manifest)  # [V, D] rows on demand
         return cls(folder, providers, options, tokenizer, embed, vision, memory_inputs=memory_inputs,
                    max_new_tokens=max_new_tokens, cache=MemoryCache(cache_bytes))
 

@@ -4,7 +4,8 @@
       manifest.json            fingerprint, geometry, template pieces, image preprocessing, graph I/O
       decoder_step.onnx        float memory inputs      } share decoder_weights.data
       decoder_step_q8.onnx     int8 memory inputs       }
-      embed_tokens.npy         token embedding table (memory-mapped; rows read on demand)
+      embed_tokens.npy         token embedding table (memory-mapped; rows read on demand; runtime/embeddings.py)
+      embed_tokens_scale.npy   its block scales when the table is int8 (int8/int4 exports)
       vision.onnx              vision-language families only
       tokenizer.json
 """
@@ -67,6 +68,7 @@ class ModelFolder:
     def files(self) -> list[str]:
         m = self.manifest
         names = [g["file"] for g in m["graphs"].values()] + [m["embed_tokens"], m["tokenizer"]]
+        names += [m["embed_tokens_scale"]] if m.get("embed_tokens_scale") else []
         names += [g["external_data"] for g in m["graphs"].values() if g.get("external_data")]
         return sorted(set(names))
 
