@@ -61,7 +61,8 @@ class TorchBackend:
 
     def describe(self) -> dict:
         dtype = str(next(self.adapter.model.parameters()).dtype).removeprefix("torch.")
-        return {"backend": self.name, "weights": dtype, "provider": None, "device": self.device or "cpu"}
+        # compile/query.py answers with the adapter's own decoder, on the CPU; --device moves compile only
+        return {"backend": self.name, "weights": dtype, "provider": None, "device": "cpu"}
 
     def replies(self, ctx: Context, items: list[Demo], max_new_tokens: int) -> Iterator[Reply]:
         kv, offset = memory_kv(ctx.memory), ctx.memory.meta.position_offset  # per layer [kv, n, hd]
@@ -104,7 +105,7 @@ class OrtBackend:
         from ..runtime.session import EdgeSession
 
         if self.model is not None:
-            session = self.model.bind(ctx.path)
+            session = self.model.bind(ctx.path, max_new_tokens=max_new_tokens)
         else:
             session = EdgeSession(self.model_dir, ctx.path, provider=self.provider, threads=self.threads,
                                   max_new_tokens=max_new_tokens)
@@ -130,12 +131,13 @@ def _first_logprobs(session, item: Demo) -> torch.Tensor:
 
 
 def _open_model(model_dir: Path, provider: str, threads: int):
-    """The loaded model shared by every memory, where the runtime has one (`EdgeModel.open(...).bind`);
-    else None, and each memory opens its own `EdgeSession`."""
-    import emloc_edge.runtime as runtime
-
-    edge_model = getattr(runtime, "EdgeModel", None)
-    return edge_model.open(model_dir, provider=provider, threads=threads) if edge_model is not None else None
+    """The loaded model every memory binds to (`EdgeModel.open(...).bind(memory)`: graphs loaded once),
+    where the runtime has one; else None, and each memory opens its own `EdgeSession`."""
+    try:
+        from ..runtime.model import EdgeModel
+    except ImportError:
+        return None
+    return EdgeModel.open(model_dir, provider=provider, threads=threads)
 
 
 BACKENDS: dict[str, type] = {b.name: b for b in (OrtBackend, TorchBackend)}

@@ -15,6 +15,7 @@ emloc-int8). Identical compile settings are compiled once and share one memory f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -57,12 +58,11 @@ class Setup:
 
 def compile_demos(adapter, demos: list[Demo], options: CompileOptions, device: str | None) -> TaskMemory:
     """The one place eval calls the compiler (policy by name in `options`; `device` passed through)."""
-    extra = {} if device is None else {"device": device}
-    try:
-        compressor = Compressor(adapter, options, **extra)
-    except TypeError:
-        raise BadInputError(f"device {device!r}: this build's compiler takes no device (it runs on the CPU)") from None
-    return compressor.compile(demos)
+    if device is None or "device" not in inspect.signature(Compressor).parameters:
+        if device not in (None, "auto", "cpu"):  # a compiler without devices runs on the CPU
+            raise BadInputError(f"device {device!r}: this build's compiler runs on the CPU only")
+        return Compressor(adapter, options).compile(demos)
+    return Compressor(adapter, options, device=device).compile(demos)
 
 
 @dataclass
@@ -175,10 +175,11 @@ KINDS: dict[str, type] = {"delta": Searched, "ratio": Budgeted}  # a policy's kn
 FIXED: dict[str, type] = {ZeroShot.name: ZeroShot, FullContext.name: FullContext}
 
 
+@functools.lru_cache(maxsize=None)
 def policy_knob(policy: str) -> str:
-    """`delta` or `ratio`: the first of KINDS that the policy's constructor takes."""
-    params = inspect.signature(POLICIES[policy]).parameters
-    knob = next((k for k in KINDS if k in params), None)
+    """`delta` or `ratio`: the first of KINDS that the policy, as the compiler makes it, has."""
+    made = CompileOptions(policy=policy).make_policy()
+    knob = next((k for k in KINDS if hasattr(made, k)), None)
     if knob is None:
         raise BadInputError(f"policy {policy!r} takes neither delta nor ratio; eval cannot set its size")
     return knob

@@ -45,7 +45,7 @@ class EvalReport:
     context_tokens: int  # tokens of the whole demonstration conversation
     distinct_answers: int  # among the demos
     chance: float  # 1 / distinct_answers
-    runtime: dict  # backend, weights, provider (ort: threads, model_dir; torch: device)
+    runtime: dict  # backend, weights, provider, compile_device (ort: threads, model_dir; torch: device)
     settings: dict
     conditions: list[ConditionResult]
     items: list[dict]  # question, answer, image of each test item

@@ -112,7 +112,7 @@ def evaluate(
         answerer = BACKENDS[backend].open(adapter, weights=weights, provider=provider, threads=threads,
                                           device=device, progress=progress.stage)
         answered = _answer_all(answerer, names, built, items, max_new_tokens, progress)
-        runtime = answerer.describe()
+        runtime = {**answerer.describe(), "compile_device": device or "the compiler's default"}
     results = [_score(made[n], built[n], items, answered[built[n].key], built[REFERENCE], runtime) for n in names]
     answers = {d.answer.strip() for d in demos}
     return EvalReport(
