@@ -201,8 +201,9 @@ def test_any_registered_policy_names_a_condition(folders, adapter):
 
     asked = [f"{p}-fp16" for p in POLICIES]
     r = evaluate(*folders, adapter, conditions=asked, policy="uniform", chunk_size=CHUNK, max_new_tokens=2, limit=1,
-                 backend="torch")
+                 backend="torch", device="cpu")
     assert [c.name for c in r.conditions] == asked and r.settings["policy"] == "uniform"
+    assert r.runtime["weights"] == "fp32" and r.runtime["compile_device"] == "cpu"
     for c in r.conditions:
         assert c.settings["policy"] == c.name.rpartition("-")[0] and c.precision == "fp16"
 
@@ -218,6 +219,7 @@ def test_any_registered_policy_names_a_condition(folders, adapter):
     ({"backend": "tensorrt"}, ("--backend", "tensorrt")),
     ({"weights": "int2"}, ("--weights", "int2")),
     ({"provider": "tpu"}, ("--provider", "tpu")),
+    ({"device": "tpu"}, ("--device", "tpu")),
 ])
 def test_bad_options_fail_before_the_model_loads(folders, tmp_path, kwargs, words):
     def never():
@@ -241,3 +243,9 @@ def test_export_is_cached_per_weights_and_quantized_from_fp32(report, adapter, m
     int8 = exports.cached_export(adapter, "int8")
     assert int8 == exports.cache_dir(adapter, "int8") != fp32
     assert exports.find_export(adapter, "int8") == int8
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_a_gpu_is_bad_input(folders, adapter):
+    with pytest.raises(BadInputError, match="cuda|CUDA"):
+        evaluate(*folders, adapter, conditions="zero-shot", device="cuda", limit=1, backend="torch")

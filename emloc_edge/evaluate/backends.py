@@ -61,6 +61,7 @@ class TorchBackend:
 
     def describe(self) -> dict:
         dtype = str(next(self.adapter.model.parameters()).dtype).removeprefix("torch.")
+        dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(dtype, dtype)
         # compile/query.py answers with the adapter's own decoder, on the CPU; --device moves compile only
         return {"backend": self.name, "weights": dtype, "provider": None, "device": "cpu"}
 

@@ -20,7 +20,7 @@ from .report import ConditionResult, EvalReport
 
 ModelArg = Union[str, Path, ModelAdapter]
 REFERENCE = FullContext.name  # JS divergence is measured against this condition's distributions
-PROVIDERS = ("auto", "cpu", "cuda")
+PROVIDERS = ("auto", "cpu", "cuda")  # also the torch devices
 
 
 class EvalProgress(Protocol):
@@ -92,7 +92,7 @@ def evaluate(
     progress = progress or _Silent()
     options = _options(delta, ratios, chunk_size, policy)
     names = resolve_conditions(conditions, options.policy, sweep)
-    weights = _check_runtime(backend, weights, provider, threads, limit, max_new_tokens)
+    weights = _check_runtime(backend, weights, provider, threads, device, limit, max_new_tokens)
     demos = _load(demos_dir, question, "demos")
     items = _load(test_dir, question, "test")[:limit]
 
@@ -140,7 +140,8 @@ def _options(delta, ratios, chunk_size, policy) -> CompileOptions:
     )
 
 
-def _check_runtime(backend: str, weights: str | None, provider: str, threads: int, limit, max_new_tokens) -> str:
+def _check_runtime(backend: str, weights: str | None, provider: str, threads: int, device: str | None, limit,
+                   max_new_tokens) -> str:
     """The export's weights (its default when None), after checking the run's simple options."""
     from ..export.api import WEIGHTS
     from .exports import default_weights
@@ -152,6 +153,8 @@ def _check_runtime(backend: str, weights: str | None, provider: str, threads: in
         raise BadInputError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     if provider not in PROVIDERS:
         raise BadInputError(f"--provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+    if device not in (None, *PROVIDERS):
+        raise BadInputError(f"--device must be one of {', '.join(PROVIDERS)}, got {device!r}")
     if threads < 0:
         raise BadInputError(f"--threads must be 0 (ONNX Runtime decides) or more, got {threads}")
     if limit is not None and limit < 1:
