@@ -107,10 +107,11 @@ def evaluate(
     with tempfile.TemporaryDirectory(prefix="emloc-eval-") as folder:
         setup, built = Setup(adapter, demos, options, Path(folder), device), {}
         progress.begin(len(names) * len(items))
-        for name in [REFERENCE, *names]:
-            _build(name, made, setup, built, progress, demos_dir)
+        # the export first: a model that cannot be exported fails before the compiles
         answerer = BACKENDS[backend].open(adapter, weights=weights, provider=provider, threads=threads,
                                           device=device, progress=progress.stage)
+        for name in [REFERENCE, *names]:
+            _build(name, made, setup, built, progress, demos_dir)
         answered = _answer_all(answerer, names, built, items, max_new_tokens, progress)
         runtime = {**answerer.describe(), "compile_device": device or "the compiler's default"}
     results = [_score(made[n], built[n], items, answered[built[n].key], built[REFERENCE], runtime) for n in names]
