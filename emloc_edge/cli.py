@@ -255,7 +255,7 @@ def run(images, memory_path, model_dir, question, prompts, max_new_tokens, provi
               help="ONNX Runtime execution provider (ort backend).")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime intra-op threads (0: it decides).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
-              help="Torch device for compile and the torch backend [default: the compiler's].")
+              help="Torch device compile runs on (the torch backend answers on the CPU) [default: the compiler's].")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--question", default=None, help="Question for folder-per-answer folders (else their task.json).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
