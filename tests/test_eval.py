@@ -249,3 +249,18 @@ def test_export_is_cached_per_weights_and_quantized_from_fp32(report, adapter, m
 def test_cuda_device_without_a_gpu_is_bad_input(folders, adapter):
     with pytest.raises(BadInputError, match="cuda|CUDA"):
         evaluate(*folders, adapter, conditions="zero-shot", device="cuda", limit=1, backend="torch")
+
+
+def test_backends_agree_on_image_items_with_a_vision_model(tiny_vlm_dir, make_images, tmp_path):
+    """Zero-shot and full context on image queries (the first-turn template with an image slot) answer
+    alike under ONNX Runtime and PyTorch on the tiny VLM."""
+    from test_tiny_vlm import image_demos
+
+    adapter = load_model(tiny_vlm_dir(image_tokens=4))
+    demos, tests = image_demos(tmp_path / "demos", 4, make_images), image_demos(tmp_path / "test", 2, make_images, seed=5)
+    runs = [evaluate(demos, tests, adapter, conditions="zero-shot,full-context", chunk_size=2, max_new_tokens=4,
+                     backend=b, weights="fp32") for b in ("ort", "torch")]
+    for name in ("zero-shot", "full-context"):
+        assert runs[0].condition(name).predictions == runs[1].condition(name).predictions, name
+    assert runs[0].condition("zero-shot").js_to_full_context == pytest.approx(
+        runs[1].condition("zero-shot").js_to_full_context, abs=1e-5)
