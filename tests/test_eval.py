@@ -257,7 +257,8 @@ def test_backends_agree_on_image_items_with_a_vision_model(tiny_vlm_dir, make_im
     from test_tiny_vlm import image_demos
 
     adapter = load_model(tiny_vlm_dir(image_tokens=4))
-    demos, tests = image_demos(tmp_path / "demos", 4, make_images), image_demos(tmp_path / "test", 2, make_images, seed=5)
+    demos = image_demos(tmp_path / "demos", 4, make_images)
+    tests = image_demos(tmp_path / "test", 2, make_images, seed=5)
     runs = [evaluate(demos, tests, adapter, conditions="zero-shot,full-context", chunk_size=2, max_new_tokens=4,
                      backend=b, weights="fp32") for b in ("ort", "torch")]
     for name in ("zero-shot", "full-context"):
