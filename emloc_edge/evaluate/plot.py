@@ -51,7 +51,8 @@ def _by_kept(ax, report) -> None:
     lines = defaultdict(list)
     for c in report.conditions:
         if c.line is None:  # zero-shot, full-context: references, drawn across
-            ax.axhline(c.accuracy, linestyle=REFERENCE_STYLES.get(c.name, "-."), color="black", alpha=0.6, label=f"{c.name} ({c.accuracy:.2f})")
+            ax.axhline(c.accuracy, linestyle=REFERENCE_STYLES.get(c.name, "-."), color="black", alpha=0.6,
+                       label=f"{c.name} ({c.accuracy:.2f})")
         else:
             lines[c.line].append((c.kept_fraction, c.accuracy))
     for name, points in sorted(lines.items()):
