@@ -28,6 +28,7 @@ FLAGS = {
     "threads": "--threads", "question": "--question", "delta": "--delta", "ratios": "--ratios",
     "chunk_size": "--chunk-size", "precision": "--precision", "output": "-o/--output", "append": "--append",
     "weights": "--weights", "validate": "--no-validate", "conditions": "--conditions", "limit": "--limit",
+    "sweep": "--sweep", "policy": "--policy", "backend": "--backend", "device": "--device",
 }
 
 
@@ -306,47 +307,74 @@ def serve(model_dir, memories_dir, **options) -> None:
 @model_option
 @click.option("--json", "json_out", type=click.Path(path_type=Path, allow_dash=True), default=None,
               help="Write the report as one JSON object to this file ('-': stdout, instead of the table).")
-@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Draw accuracy against memory size (.png).")
-@click.option("--delta", type=float, default=None, help="EMLoC JS tolerance in nats [default: 0.005].")
-@click.option("--ratios", callback=_ratios, default=None, help="EMLoC candidate keep ratios [default: 0.1,0.2,0.5].")
+@click.option("--plot", type=click.Path(path_type=Path), default=None,
+              help="Draw accuracy against memory size (MB) and against kept fraction, a line per policy (.png).")
+@click.option("--delta", type=float, default=None, help="EMLoC JS tolerance in nats [default: the compiler's].")
+@click.option("--ratios", callback=_ratios, default=None, help="EMLoC candidate keep ratios [default: the compiler's].")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=None, help="Demonstrations per chunk [default: 4].")
+@click.option("--policy", default=None, help="Main compile policy: its POLICY-fp32/-int8 are default conditions and "
+                                             "it sizes uniform-int8 [default: the compiler's].")
+@click.option("--sweep", "sweep", multiple=True, metavar="KNOB=V1,V2",
+              help="Add each value as a condition for every asked policy that takes KNOB: delta=0.001,0.005,0.02 "
+                   "(searched policies), ratio=0.1,0.25,0.5 (budgeted ones, e.g. uniform). Repeatable.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N test items.")
 @click.option("--conditions", default=None,
-              help="Comma list of conditions to report [default: zero-shot,full-context,emloc-fp32,emloc-int8,"
-                   "uniform-int8]. full-context is always built (JS is measured against it).")
+              help="Comma list of conditions to report: zero-shot, full-context, POLICY-PRECISION[@KNOB=V] "
+                   "[default: zero-shot,full-context,POLICY-fp32,POLICY-int8,uniform-int8]. full-context is always "
+                   "built (JS is measured against it).")
+@click.option("--backend", type=click.Choice(["ort", "torch"]), default="ort", show_default=True,
+              help="ort: the exported model under ONNX Runtime (what `run` deploys); torch: the PyTorch reference.")
+@click.option("--weights", type=click.Choice(["fp32", "int8", "int4"]), default=None,
+              help="Weights of the export the ort backend answers with (exported once, cached) [default: export's].")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="ONNX Runtime execution provider (ort backend).")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime intra-op threads (0: it decides).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+              help="Torch device compile runs on (the torch backend answers on the CPU) [default: the compiler's].")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--question", default=None, help="Question for folder-per-answer folders (else their task.json).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @handle_errors
-def eval_command(demos_dir, test_dir, model, json_out, plot, delta, ratios, chunk_size, limit, conditions,
-                 max_new_tokens, question, quiet) -> None:
+def eval_command(demos_dir, test_dir, model, json_out, plot, delta, ratios, chunk_size, policy, sweep, limit,
+                 conditions, backend, weights, provider, threads, device, max_new_tokens, question, quiet) -> None:
     """Answer the items in TEST_DIR with each kind of context built from DEMOS_DIR and compare.
 
-    Conditions: zero-shot (no demos), full-context (all demos, nothing pruned, fp32), emloc-fp32,
-    emloc-int8, uniform-int8 (one keep ratio in every layer, sized like emloc-int8). Reports accuracy
-    (exact match), memory bytes, kept tokens, median ms per query, mean JS divergence of the first
-    answer token to full-context, and compile time. TEST_DIR has the layout of a demos folder. Needs
-    the [compile] extra (torch, transformers; matplotlib for --plot).
+    Conditions: zero-shot (no demos), full-context (all demos, nothing pruned, fp32), POLICY-PRECISION
+    (the demos compiled with a registered policy, stored fp32/fp16/int8, e.g. emloc-int8), uniform-int8
+    (one keep ratio in every layer, sized like the main policy's int8 memory). Queries are answered by
+    the exported model under ONNX Runtime with the memory files compile writes (--backend ort) or by
+    PyTorch. Reports accuracy (exact match), memory bytes and precision, kept tokens, median ms per
+    query, TTFT and tokens/s (ort), mean JS divergence of the first answer token to full-context, and
+    compile time. TEST_DIR has the layout of a demos folder. Needs the [compile] extra (torch,
+    transformers; matplotlib for --plot).
     """
     from .evaluate.progress import TqdmProgress
     from .evaluate.report import check_output
-    from .evaluate.run import evaluate, resolve_conditions
+    from .evaluate.run import evaluate
+    from .evaluate.names import resolve_conditions
 
     to_stdout = json_out is not None and str(json_out) == "-"
-    resolve_conditions(conditions)  # an unknown name fails before anything loads
+    resolve_conditions(conditions, policy or _default_policy(), sweep)  # a bad name fails before anything loads
     if json_out is not None and not to_stdout:
         check_output(json_out, option="--json")
     if plot is not None:
         check_output(plot, suffix=".png", option="--plot")
     with TqdmProgress(disable=quiet) as bar:
         report = evaluate(demos_dir, test_dir, model if model is not None else (lambda: _model_or_default(None)),
-                          conditions=conditions, delta=delta, ratios=ratios, chunk_size=chunk_size, limit=limit,
-                          max_new_tokens=max_new_tokens, question=question, progress=bar)
+                          conditions=conditions, delta=delta, ratios=ratios, chunk_size=chunk_size, policy=policy,
+                          sweep=sweep or None, backend=backend, weights=weights, provider=provider, threads=threads,
+                          device=device, limit=limit, max_new_tokens=max_new_tokens, question=question, progress=bar)
     if json_out is not None and not to_stdout:
         report.write_json(json_out)
     if plot is not None:
         report.write_plot(plot)
     click.echo(json.dumps(report.to_dict(), allow_nan=False) if to_stdout else report.table())
+
+
+def _default_policy() -> str:
+    from .compile.compressor import CompileOptions
+
+    return CompileOptions().policy
 
 
 def _default_export() -> Path:

@@ -16,14 +16,20 @@ from ..textout import finite as _finite, human_size as _size
 @dataclass
 class ConditionResult:
     name: str
+    line: str | None  # the plot line it belongs to: POLICY-PRECISION (None: zero-shot, full-context)
     correct: int
     total: int
     accuracy: float  # correct / total
     memory_bytes: int  # the memory saved as a file; 0 without one
+    precision: str | None  # how the memory stores K/V (None: no memory)
+    size_vs_full_context: float  # memory bytes / full-context's memory bytes
+    weights: str  # the answering model's weights (the export's, or the torch dtype)
     kept_tokens_per_layer: list[int]
     mean_kept_tokens_per_layer: float
     kept_fraction: float  # mean kept per layer / context tokens
     ms_per_query: float  # median wall time of one greedy answer
+    ttft_ms: float | None  # median time to first token (ort backend; None: not measured)
+    tokens_per_s: float | None  # median decode speed after the first token (ort backend)
     js_to_full_context: float  # mean JS (nats) of the first-answer-token distribution to full context's
     compile_seconds: float
     settings: dict | None  # compile hyperparameters + precision (None: no memory)
@@ -39,6 +45,7 @@ class EvalReport:
     context_tokens: int  # tokens of the whole demonstration conversation
     distinct_answers: int  # among the demos
     chance: float  # 1 / distinct_answers
+    runtime: dict  # backend, weights, provider, compile_device (ort: threads, model_dir; torch: device)
     settings: dict
     conditions: list[ConditionResult]
     items: list[dict]  # question, answer, image of each test item
@@ -52,20 +59,27 @@ class EvalReport:
 
     def table(self) -> str:
         """Aligned plain-text table, one row per condition, then a line with chance and the setup."""
-        head = ("condition", "accuracy", "memory", "kept/layer", "kept", "ms/query", "JS to full", "compile s")
-        rows = [(c.name, f"{c.accuracy:.3f} ({c.correct}/{c.total})", _size(c.memory_bytes),
-                 f"{c.mean_kept_tokens_per_layer:.1f}", f"{100 * c.kept_fraction:.1f}%", f"{c.ms_per_query:.1f}",
-                 f"{c.js_to_full_context:.4f}", f"{c.compile_seconds:.2f}") for c in self.conditions]
+        head = ("condition", "accuracy", "memory", "stored", "of full", "kept/layer", "kept", "weights", "ms/query",
+                "TTFT ms", "tok/s", "JS to full", "compile s")
+        rows = [(c.name, f"{c.accuracy:.3f} ({c.correct}/{c.total})", _size(c.memory_bytes), c.precision or "-",
+                 f"{100 * c.size_vs_full_context:.1f}%", f"{c.mean_kept_tokens_per_layer:.1f}",
+                 f"{100 * c.kept_fraction:.1f}%", c.weights, f"{c.ms_per_query:.1f}", _opt(c.ttft_ms),
+                 _opt(c.tokens_per_s), f"{c.js_to_full_context:.4f}", f"{c.compile_seconds:.2f}")
+                for c in self.conditions]
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+
         def line(row: tuple[str, ...]) -> str:  # names left-aligned, numbers right-aligned
             return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
 
-        s = self.settings
+        s, r = self.settings, self.runtime
+        where = f"{r['backend']} backend, {r['weights']} weights" + (f", {r['provider']} provider" if r.get("provider")
+                                                                     else f", {r.get('device', 'cpu')}")
         return "\n".join([
             line(head), *map(line, rows),
             f"chance {self.chance:.3f} (1/{self.distinct_answers} distinct answers); {self.demos} demos, "
-            f"{self.test_items} test items, {self.context_tokens} context tokens; {self.model}; "
-            f"delta {s['delta']}, ratios {','.join(map(str, s['ratios']))}, chunk size {s['chunk_size']}",
+            f"{self.test_items} test items, {self.context_tokens} context tokens; {self.model}; {where}; "
+            f"policy {s['policy']}, delta {s['delta']}, ratios {','.join(map(str, s['ratios']))}, "
+            f"chunk size {s['chunk_size']}",
         ])
 
     def write_json(self, path: str | Path) -> None:
@@ -73,31 +87,14 @@ class EvalReport:
         atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     def write_plot(self, path: str | Path) -> None:
-        """Accuracy against memory size, one labelled point per condition, chance as a dashed line."""
-        import matplotlib
+        """Accuracy against memory size (MB) and against kept fraction (one line per policy), as a PNG."""
+        from .plot import draw
 
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
+        atomic_write(Path(path), lambda tmp: draw(self, tmp))
 
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        try:
-            points = [(c.name, c.memory_bytes / 1024, c.accuracy) for c in self.conditions]
-            span = max(x for _, x, _ in points) or 1.0
-            for k, (name, x, y) in enumerate(points):
-                # equal-size conditions (emloc-int8, uniform-int8) land on one spot: stack their labels
-                near = sum(abs(x - x2) < 0.08 * span and abs(y - y2) < 0.06 for _, x2, y2 in points[:k])
-                ax.scatter([x], [y], s=36, zorder=3)
-                ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5 + 11 * near), fontsize=9)
-            ax.margins(x=0.18)
-            ax.axhline(self.chance, linestyle="--", color="grey", label=f"chance ({self.chance:.2f})")
-            ax.set(xlabel="memory size (KB)", ylabel="accuracy", ylim=(-0.03, 1.08),
-                   title=f"{self.model}: {self.test_items} test items, {self.demos} demos")
-            ax.grid(alpha=0.3)
-            ax.legend(loc="best")
-            fig.tight_layout()
-            atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-        finally:
-            plt.close(fig)
+
+def _opt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
 
 
 def check_output(path: Path, suffix: str | None = None, option: str = "") -> None:

@@ -2,22 +2,25 @@
 from __future__ import annotations
 
 import statistics
-import time
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Protocol, Union
-
-import torch
 
 from ..compile.compressor import CompileOptions
 from ..compile.demos import Demo, load_demos
 from ..compile.divergence import js_divergence
-from ..compile.query import greedy_answer_and_logits, query_logits
+from ..compile.policy import POLICIES
 from ..errors import BadInputError
 from ..models.base import ModelAdapter
-from .conditions import CONDITION_NAMES, CONDITIONS, REFERENCE, Context, Setup
+from .backends import BACKENDS, Backend
+from .conditions import Condition, Context, FullContext, Setup, make_condition
+from .names import resolve_conditions
 from .report import ConditionResult, EvalReport
 
 ModelArg = Union[str, Path, ModelAdapter]
+REFERENCE = FullContext.name  # JS divergence is measured against this condition's distributions
+PROVIDERS = ("auto", "cpu", "cuda")  # also the torch devices
 
 
 class EvalProgress(Protocol):
@@ -25,7 +28,7 @@ class EvalProgress(Protocol):
         """`total` queries will be scored (reported conditions × test items)."""
 
     def stage(self, text: str) -> None:
-        """What is being done now, e.g. "compiling emloc-int8"."""
+        """What is being done now, e.g. "building emloc-int8"."""
 
     def step(self) -> None:
         """One query scored."""
@@ -42,21 +45,15 @@ class _Silent:
         pass
 
 
-def resolve_conditions(names: Iterable[str] | str | None) -> list[str]:
-    """Requested condition names (a list or a comma list), checked, deduplicated, in report order."""
-    if names is None:
-        return list(CONDITION_NAMES)
-    if isinstance(names, str):
-        names = names.split(",")
-    asked = [n.strip() for n in names if n.strip()]
-    unknown = [n for n in asked if n not in CONDITIONS]
-    if unknown:
-        raise BadInputError(f"conditions: unknown condition {unknown[0]!r} (choose from {', '.join(CONDITION_NAMES)})",
-                            parameters="conditions")
-    if not asked:
-        raise BadInputError(f"conditions: no condition given (choose from {', '.join(CONDITION_NAMES)})",
-                            parameters="conditions")
-    return [n for n in CONDITION_NAMES if n in asked]
+@dataclass
+class Answered:
+    """One memory's answers to every item (shared by conditions whose memories are identical)."""
+
+    predictions: list[str]
+    ms: list[float]
+    ttft_ms: list[float | None]
+    tokens_per_s: list[float | None]
+    js: list[float]  # first-answer-token JS (nats) to the reference, per item
 
 
 def evaluate(
@@ -68,6 +65,13 @@ def evaluate(
     delta: float | None = None,
     ratios: tuple[float, ...] | None = None,
     chunk_size: int | None = None,
+    policy: str | None = None,
+    sweep: Iterable[str] | dict[str, Iterable[float]] | None = None,
+    backend: str = "ort",
+    weights: str | None = None,
+    provider: str = "auto",
+    threads: int = 0,
+    device: str | None = None,
     limit: int | None = None,
     max_new_tokens: int = 16,
     question: str | None = None,
@@ -78,22 +82,17 @@ def evaluate(
     demos_dir / test_dir: demos folders (demos.jsonl or <answer>/<image>) or lists of `Demo`; the test
     items' answers are the references. model: a model folder, .gguf file, adapter from `load_model`,
     or a zero-argument callable returning one (called only once the inputs have been checked).
-    conditions: subset of CONDITION_NAMES (default all). full-context is always built, since JS is
-    measured against it, and emloc-int8 whenever uniform-int8 is asked for (it sets uniform's ratio);
-    only the asked conditions are scored and reported. Options left None take CompileOptions defaults.
+    conditions: names as in conditions.py (default: zero-shot, full-context, POLICY-fp32, POLICY-int8,
+    uniform-int8, POLICY being `policy`, default the compiler's). sweep: "delta=0.001,0.02" /
+    "ratio=0.1,0.25" strings (or {knob: values}) adding each value as a condition per asked policy that
+    takes that knob. backend: "ort" (the exported model with `weights`, default export's own, under
+    ONNX Runtime with `provider` and `threads`) or "torch" (the PyTorch reference on `device`).
+    full-context is always built, since JS is measured against it; only asked conditions are reported.
     """
     progress = progress or _Silent()
-    names = resolve_conditions(conditions)
-    if limit is not None and limit < 1:
-        raise BadInputError(f"limit must be at least 1, got {limit}", parameters="limit")
-    if max_new_tokens < 1:
-        raise BadInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}", parameters="max_new_tokens")
-    defaults = CompileOptions()
-    options = CompileOptions(
-        delta=defaults.delta if delta is None else delta,
-        ratios=defaults.ratios if ratios is None else tuple(ratios),
-        chunk_size=defaults.chunk_size if chunk_size is None else chunk_size,
-    )
+    options = _options(delta, ratios, chunk_size, policy)
+    names = resolve_conditions(conditions, options.policy, sweep)
+    weights = _check_runtime(backend, weights, provider, threads, device, limit, max_new_tokens)
     demos = _load(demos_dir, question, "demos")
     items = _load(test_dir, question, "test")[:limit]
 
@@ -104,27 +103,68 @@ def evaluate(
     _check_images(adapter, demos_dir, demos, question)
     _check_images(adapter, test_dir, items, question)
 
-    setup, built = Setup(adapter, demos, options), {}
-    progress.begin(len(names) * len(items))
-    answered = {name: _answer(name, _build(name, setup, built, progress, demos_dir), adapter, items, max_new_tokens, progress)
-                for name in names}
-    reference = (answered[REFERENCE][2] if REFERENCE in answered else
-                 [_logprobs(adapter, _build(REFERENCE, setup, built, progress, demos_dir), item) for item in items])
-    results = [_score(name, built[name], items, *answered[name], reference) for name in names]
+    made = {n: make_condition(n, options.policy) for n in [REFERENCE, *names]}
+    with tempfile.TemporaryDirectory(prefix="emloc-eval-") as folder:
+        setup, built = Setup(adapter, demos, options, Path(folder), device), {}
+        progress.begin(len(names) * len(items))
+        # the export first: a model that cannot be exported fails before the compiles
+        answerer = BACKENDS[backend].open(adapter, weights=weights, provider=provider, threads=threads,
+                                          device=device, progress=progress.stage)
+        for name in [REFERENCE, *names]:
+            _build(name, made, setup, built, progress, demos_dir)
+        answered = _answer_all(answerer, names, built, items, max_new_tokens, progress)
+        runtime = {**answerer.describe(), "compile_device": device or "the compiler's default"}
+    results = [_score(made[n], built[n], items, answered[built[n].key], built[REFERENCE], runtime) for n in names]
     answers = {d.answer.strip() for d in demos}
     return EvalReport(
         model=adapter.name, demos=len(demos), test_items=len(items),
         context_tokens=built[REFERENCE].memory.meta.context_tokens, distinct_answers=len(answers),
-        chance=1.0 / len(answers),
+        chance=1.0 / len(answers), runtime=runtime,
         settings={"delta": options.delta, "ratios": list(options.ratios), "chunk_size": options.chunk_size,
-                  "max_new_tokens": max_new_tokens, "limit": limit, "reference": REFERENCE},
+                  "policy": options.policy, "max_new_tokens": max_new_tokens, "limit": limit, "reference": REFERENCE},
         conditions=results,
         items=[{"question": i.question, "answer": i.answer, "image": None if i.image is None else str(i.image)}
                for i in items],
     )
 
 
-# --- steps ------------------------------------------------------------------------------------------
+# --- checks -----------------------------------------------------------------------------------------
+def _options(delta, ratios, chunk_size, policy) -> CompileOptions:
+    defaults = CompileOptions()
+    if policy is not None and policy not in POLICIES:
+        raise BadInputError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}", parameters="policy")
+    return CompileOptions(
+        delta=defaults.delta if delta is None else delta,
+        ratios=defaults.ratios if ratios is None else tuple(ratios),
+        chunk_size=defaults.chunk_size if chunk_size is None else chunk_size,
+        policy=defaults.policy if policy is None else policy,
+    )
+
+
+def _check_runtime(backend: str, weights: str | None, provider: str, threads: int, device: str | None, limit,
+                   max_new_tokens) -> str:
+    """The export's weights (its default when None), after checking the run's simple options."""
+    from ..export.api import WEIGHTS
+    from .exports import default_weights
+
+    if backend not in BACKENDS:
+        raise BadInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}", parameters="backend")
+    weights = default_weights() if weights is None else weights
+    if weights not in WEIGHTS:
+        raise BadInputError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}", parameters="weights")
+    if provider not in PROVIDERS:
+        raise BadInputError(f"provider must be one of {', '.join(PROVIDERS)}, got {provider!r}", parameters="provider")
+    if device not in (None, *PROVIDERS):
+        raise BadInputError(f"device must be one of {', '.join(PROVIDERS)}, got {device!r}", parameters="device")
+    if threads < 0:
+        raise BadInputError(f"threads must be 0 (ONNX Runtime decides) or more, got {threads}", parameters="threads")
+    if limit is not None and limit < 1:
+        raise BadInputError(f"limit must be at least 1, got {limit}", parameters="limit")
+    if max_new_tokens < 1:
+        raise BadInputError(f"max-new-tokens must be at least 1, got {max_new_tokens}", parameters="max_new_tokens")
+    return weights
+
+
 def _load(source: str | Path | list[Demo], question: str | None, role: str) -> list[Demo]:
     if isinstance(source, list):
         if not source:
@@ -145,12 +185,14 @@ def _check_images(adapter: ModelAdapter, source, demos: list[Demo], question: st
     raise BadInputError(f"{first}: {adapter.name} is a text-only model, but the items have images")
 
 
-def _build(name: str, setup: Setup, built: dict[str, Context], progress: EvalProgress, where) -> Context:
+# --- steps ------------------------------------------------------------------------------------------
+def _build(name: str, made: dict[str, Condition], setup: Setup, built: dict[str, Context], progress: EvalProgress,
+           where) -> Context:
     """`name`'s context, building what it needs first; each condition is built once."""
     if name not in built:
-        condition = CONDITIONS[name]
-        for need in condition.needs:
-            _build(need, setup, built, progress, where)
+        condition = made.setdefault(name, make_condition(name, setup.options.policy))
+        for need in condition.needs():
+            _build(need, made, setup, built, progress, where)
         progress.stage(f"building {name}")
         try:
             built[name] = condition.build(setup, built)
@@ -161,46 +203,68 @@ def _build(name: str, setup: Setup, built: dict[str, Context], progress: EvalPro
     return built[name]
 
 
-def _logprobs(adapter: ModelAdapter, ctx: Context, item: Demo) -> torch.Tensor:
-    """Next-token log-probabilities [V] at the first answer position."""
-    logits = query_logits(adapter, ctx.kv, ctx.position_offset, item.question, item.image, first_turn=ctx.first_turn)
-    return logits.float().log_softmax(-1)
+def _answer_all(answerer: Backend, names: list[str], built: dict[str, Context], items: list[Demo],
+                max_new_tokens: int, progress: EvalProgress) -> dict[str, Answered]:
+    """Answers per memory (by context key), the reference first: every JS is measured against it."""
+    reference, answered = built[REFERENCE], {}
+    if REFERENCE in names:
+        answered[reference.key], ref = _answer(answerer, REFERENCE, reference, items, max_new_tokens, None, progress)
+    else:
+        progress.stage(f"{REFERENCE} (reference distributions)")
+        ref = answerer.logprobs(reference, items)
+    for name in names:
+        ctx = built[name]
+        if ctx.key not in answered:
+            answered[ctx.key], _ = _answer(answerer, name, ctx, items, max_new_tokens, ref, progress)
+        elif name != REFERENCE:  # an identical memory was answered already
+            for _ in items:
+                progress.step()
+    return answered
 
 
-def _answer(name: str, ctx: Context, adapter: ModelAdapter, items: list[Demo], max_new_tokens: int,
-            progress: EvalProgress) -> tuple[list[str], list[float], list[torch.Tensor]]:
-    """Greedy answers, wall ms per query, and first-answer-token log-probabilities [V] per item."""
+def _answer(answerer: Backend, name: str, ctx: Context, items: list[Demo], max_new_tokens: int, ref,
+            progress: EvalProgress):
+    """(answers, first-answer-token log-probabilities); `ref` None: JS against these very answers."""
     progress.stage(name)
-    predictions, ms, logprobs = [], [], []
-    for item in items:
-        started = time.perf_counter()
-        ids, logits = greedy_answer_and_logits(adapter, ctx.kv, ctx.position_offset, item.question, item.image,
-                                               max_new_tokens=max_new_tokens, first_turn=ctx.first_turn)
-        ms.append(1000 * (time.perf_counter() - started))
-        predictions.append(adapter.tokenizer.decode(ids, skip_special_tokens=True).strip())
-        logprobs.append(logits.float().log_softmax(-1))
+    out, logprobs = Answered([], [], [], [], []), []
+    for k, reply in enumerate(answerer.replies(ctx, items, max_new_tokens)):
+        against = reply.logprobs if ref is None else ref[k]
+        out.predictions.append(reply.text)
+        out.ms.append(reply.ms)
+        out.ttft_ms.append(reply.ttft_ms)
+        out.tokens_per_s.append(reply.tokens_per_s)
+        out.js.append(float(js_divergence(reply.logprobs[None], against[None])))  # [1, V] against [1, V]
+        if ref is None:  # only the reference's are kept
+            logprobs.append(reply.logprobs)
         progress.step()
-    return predictions, ms, logprobs
+    return out, logprobs
 
 
-def _score(name: str, ctx: Context, items: list[Demo], predictions: list[str], ms: list[float],
-           logprobs: list[torch.Tensor], reference: list[torch.Tensor]) -> ConditionResult:
-    js = [js_divergence(lp[None], ref[None]) for lp, ref in zip(logprobs, reference)]  # [1, V] against [1, V]
-    correct = [p == item.answer.strip() for p, item in zip(predictions, items)]
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def _score(condition: Condition, ctx: Context, items: list[Demo], a: Answered, reference: Context,
+           runtime: dict) -> ConditionResult:
+    correct = [p == item.answer.strip() for p, item in zip(a.predictions, items)]
     kept = ctx.kept_tokens_per_layer
-    context_tokens = ctx.memory.meta.context_tokens if ctx.memory is not None else 0
+    context_tokens = ctx.memory.meta.context_tokens
     mean_kept = sum(kept) / len(kept)
     return ConditionResult(
-        name=name, correct=sum(correct), total=len(items), accuracy=sum(correct) / len(items),
-        memory_bytes=ctx.memory_bytes, kept_tokens_per_layer=kept, mean_kept_tokens_per_layer=mean_kept,
+        name=condition.name, line=condition.line, correct=sum(correct), total=len(items),
+        accuracy=sum(correct) / len(items), memory_bytes=ctx.memory_bytes,
+        precision=ctx.memory.meta.precision if ctx.memory_bytes else None,
+        size_vs_full_context=ctx.memory_bytes / reference.memory_bytes,
+        weights=runtime["weights"], kept_tokens_per_layer=kept, mean_kept_tokens_per_layer=mean_kept,
         kept_fraction=mean_kept / context_tokens if context_tokens else 0.0,
-        ms_per_query=statistics.median(ms), js_to_full_context=sum(js) / len(js),
-        compile_seconds=ctx.compile_seconds,
-        settings=_settings(ctx), predictions=predictions, correct_items=correct,
+        ms_per_query=statistics.median(a.ms), ttft_ms=_median(a.ttft_ms), tokens_per_s=_median(a.tokens_per_s),
+        js_to_full_context=sum(a.js) / len(a.js), compile_seconds=ctx.compile_seconds,
+        settings=_settings(ctx), predictions=a.predictions, correct_items=correct,
     )
 
 
 def _settings(ctx: Context) -> dict | None:
-    if ctx.memory is None:
+    if not ctx.memory_bytes:
         return None
     return {**ctx.memory.meta.hyperparameters, "precision": ctx.memory.meta.precision}
