@@ -209,17 +209,17 @@ def test_any_registered_policy_names_a_condition(folders, adapter):
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    ({"sweep": ["ratio=0.2"], "conditions": "emloc-int8"}, ("--sweep ratio", "no asked condition")),
-    ({"sweep": ["size=0.2"]}, ("--sweep", "size")),
-    ({"sweep": ["ratio=0,0.5"]}, ("--sweep ratio", "(0, 1]")),
-    ({"sweep": ["delta"]}, ("--sweep", "KNOB=")),
-    ({"policy": "nope"}, ("--policy", "nope")),
-    ({"conditions": "nope-int8"}, ("--conditions", "nope-int8")),
+    ({"sweep": ["ratio=0.2"], "conditions": "emloc-int8"}, ("sweep ratio", "no asked condition")),
+    ({"sweep": ["size=0.2"]}, ("sweep", "size")),
+    ({"sweep": ["ratio=0,0.5"]}, ("sweep ratio", "(0, 1]")),
+    ({"sweep": ["delta"]}, ("sweep", "KNOB=")),
+    ({"policy": "nope"}, ("policy", "nope")),
+    ({"conditions": "nope-int8"}, ("conditions", "nope-int8")),
     ({"conditions": "uniform-int8@delta=0.1"}, ("uniform", "ratio")),
-    ({"backend": "tensorrt"}, ("--backend", "tensorrt")),
-    ({"weights": "int2"}, ("--weights", "int2")),
-    ({"provider": "tpu"}, ("--provider", "tpu")),
-    ({"device": "tpu"}, ("--device", "tpu")),
+    ({"backend": "tensorrt"}, ("backend", "tensorrt")),
+    ({"weights": "int2"}, ("weights", "int2")),
+    ({"provider": "tpu"}, ("provider", "tpu")),
+    ({"device": "tpu"}, ("device", "tpu")),
 ])
 def test_bad_options_fail_before_the_model_loads(folders, tmp_path, kwargs, words):
     def never():

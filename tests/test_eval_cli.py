@@ -98,7 +98,7 @@ def test_cli_missing_test_dir_fails_before_the_model_loads(folders, tmp_path: Pa
 @pytest.mark.parametrize("args, words", [
     (("--conditions", "zero-shot,few-shot"), ("few-shot", "--conditions")),
     (("--sweep", "size=1"), ("--sweep", "size")),
-    (("--conditions", "zero-shot", "--sweep", "delta=0.1"), ("--sweep delta", "no asked condition")),
+    (("--conditions", "zero-shot", "--sweep", "delta=0.1"), ("sweep delta", "no asked condition", "--sweep")),
     (("--policy", "nope"), ("--policy", "nope")),
 ])
 def test_cli_bad_condition_options(folders, tmp_path: Path, args, words):

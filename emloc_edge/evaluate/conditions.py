@@ -205,7 +205,7 @@ def make_condition(name: str, main: str) -> Condition:
         key, _, text = setting.partition("=")
         if key != knob:
             raise BadInputError(f"conditions: {name!r}: policy {policy} takes {knob}=VALUE, not {key!r}", parameters="conditions")
-        value = _number(text, f"--conditions: {name!r}")
+        value = _number(text, f"conditions: {name!r}")
     extra = {"main": main} if KINDS[knob] is Budgeted else {}
     return KINDS[knob](name=name, policy=policy, precision=precision, value=value, **extra)
 

@@ -74,5 +74,5 @@ def resolve_conditions(names: Iterable[str] | str | None, main: str,
     for knob in swept:
         if not any(n.partition("@")[2].startswith(f"{knob}=") for n in out):
             raise BadInputError(f"sweep {knob}: no asked condition's policy takes {knob} "
-                                f"(add one to --conditions, e.g. uniform-int8 for ratio, emloc-int8 for delta)", parameters="sweep")
+                                f"(add one to conditions, e.g. uniform-int8 for ratio, emloc-int8 for delta)", parameters="sweep")
     return list(dict.fromkeys(out))

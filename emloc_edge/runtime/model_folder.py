@@ -119,9 +119,14 @@ def _geometry_problem(meta, manifest: dict) -> str | None:
 
 
 def _template_problem(meta, manifest: dict) -> str | None:
-    """The pieces render_query and the decode loop read must be the model's own (same adapter, same values)."""
+    """The pieces render_query and the decode loop read. Stop tokens and the end of turn must be the
+    model's own; the query pieces are the memory's (a compiled memory continues its conversation, a
+    zero-shot one opens it) and need only be a [prefix, suffix] pair of valid strings."""
     for key, value in manifest["template"].items():
-        if meta.template.get(key, None) != value:
+        if key in _QUERY_PIECES:
+            if not _is_piece_pair(meta.template.get(key, None), allow_none=value is None):
+                return f"meta.template.{key} is missing or not a [prefix, suffix] pair of strings"
+        elif meta.template.get(key, None) != value:
             return f"meta.template.{key} is missing or differs from the model's"
     question = meta.template.get("default_question")
     if question is not None and (not isinstance(question, str) or not is_unicode(question)):
@@ -129,6 +134,16 @@ def _template_problem(meta, manifest: dict) -> str | None:
     if manifest.get("image_preprocessing") is not None and meta.image_preprocessing != manifest["image_preprocessing"]:
         return "meta.image_preprocessing differs from the model's"
     return None
+
+
+_QUERY_PIECES = ("query_text", "query_image")
+
+
+def _is_piece_pair(value, allow_none: bool) -> bool:
+    if value is None:
+        return allow_none
+    return (isinstance(value, list) and len(value) == 2
+            and all(isinstance(piece, str) and is_unicode(piece) for piece in value))
 
 
 def is_unicode(text: str) -> bool:
