@@ -23,7 +23,7 @@ from ..memory import TaskMemory
 from .bound_memory import BoundMemory, MemoryCache, file_checksum, memory_checksum
 from .embeddings import EmbeddingTable, load_embeddings
 from .image_inputs import image_strategy
-from .memory_inputs import choose_variant, memory_feeds
+from .memory_inputs import FLOAT, INT8, choose_variant, memory_feeds
 from .model_folder import ModelFolder
 from .providers import select_providers
 
@@ -106,7 +106,7 @@ class EdgeModel:
             where, loaded = str(memory), None
             checksum = file_checksum(Path(memory))
         if checksum is not None:
-            for variant in ("decoder_step", "decoder_step_q8"):  # the choice needs meta; try what is cached
+            for variant in (FLOAT, INT8):  # the choice needs the memory's meta: look at what is cached
                 hit = self.cache.get((checksum, variant))
                 if hit is not None and choose_variant(self.folder.manifest, hit.meta, choice, where) == variant:
                     return hit

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import BadInputError, EmlocError
@@ -61,7 +62,7 @@ def create_app(backend: Backend, config: ServeConfig) -> FastAPI:
         return backend.health()
 
     @app.get("/v1/models")
-    async def models(request: Request) -> dict:
+    def models(request: Request) -> dict:  # sync: reading summaries is file I/O, FastAPI runs it on a thread
         _check_key(request, config)
         data = []
         for name in backend.registry.names():
@@ -73,7 +74,8 @@ def create_app(backend: Backend, config: ServeConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         _check_key(request, config)
-        query = parse_request(await _json_body(request, config), config, _rid(request))
+        data = await _json_body(request, config)
+        query = await run_in_threadpool(parse_request, data, config, _rid(request))  # image decoding is CPU work
         backend.registry.path(query.name)  # 404 before any work
         if not query.stream:
             return completion_body(query, await backend.complete(query))

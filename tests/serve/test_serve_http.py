@@ -135,3 +135,37 @@ def test_client_leaving_mid_stream_leaks_nothing(served, monkeypatch):
         assert len(steps) == count < 60, "decoding went on after the client left"
         monkeypatch.undo()
         assert client.post("/v1/chat/completions", json=body(name, question, image, MAX)).status_code == 200
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(text_task, monkeypatch):
+    """Stopping the server (what SIGTERM does) lets a request already decoding finish with all its tokens."""
+    import threading
+
+    from conftest import LiveServer
+
+    step = MemorySession._step
+    monkeypatch.setattr(MemorySession, "_step", lambda self, *a: (time.sleep(0.05), step(self, *a))[1])
+    init = MemorySession.__init__
+
+    def init_without_stop(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.stop_ids = frozenset()
+
+    monkeypatch.setattr(MemorySession, "__init__", init_without_stop)
+    server = LiveServer(build_app(ServeConfig(str(text_task.model), str(text_task.memories))))
+    got = {}
+
+    def ask():
+        got["r"] = httpx.post(f"{server.url}/v1/chat/completions", json=body("full", "which bin?", None, 20), timeout=60)
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{server.url}/health").json()["active_requests"] == 0:  # decoding has begun (>= 1 s)
+        assert time.monotonic() < deadline and thread.is_alive(), got
+        time.sleep(0.02)
+    server.stop()
+    thread.join(60)
+    assert got["r"].status_code == 200 and got["r"].json()["usage"]["completion_tokens"] == 20
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.url}/health", timeout=2)
