@@ -26,6 +26,7 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +39,26 @@ from emloc_edge.memory import with_precision
 from emloc_edge.models.chat import Piece
 from emloc_edge.models.decoder import LayerKV, RaggedDecoder
 from emloc_edge.models.loading import load_model
+
+
+@dataclass
+class VariantOptions(CompileOptions):
+    """A policy with some of its judging settings changed: "emloc+next" calibrates on the next chunk's
+    demos, "+content" forces only the answers' own tokens, "+exact" decides on the whole LM head."""
+
+    variant: tuple[str, ...] = ()
+
+    def make_policy(self):
+        policy = super().make_policy()
+        for v in self.variant:
+            setattr(policy, *{"next": ("calibration", "next"), "content": ("forces", "content"),
+                              "exact": ("exact_js", True), "stored": ("judges_stored", True)}[v])
+        return policy
+
+
+def options_for(name: str, **kw) -> CompileOptions:
+    policy, *variant = name.split("+")
+    return VariantOptions(policy=policy, variant=tuple(variant), **kw)
 
 
 def model_path(name: str) -> Path:
@@ -156,8 +177,8 @@ def main() -> None:
     for policy in args.policies.split(","):
         compiled = {}
         for precision in args.precisions.split(","):
-            options = CompileOptions(delta=args.delta, ratios=ratios, chunk_size=args.chunk_size, precision=precision,
-                                     policy=policy)
+            options = options_for(policy, delta=args.delta, ratios=ratios, chunk_size=args.chunk_size,
+                                  precision=precision)
             compressor = Compressor(adapter, options)
             start = time.perf_counter()
             memory = compressor.compile(demos)

@@ -6,9 +6,8 @@
     policy: for chosen layers and counts, replace KV_c by its best `count` tokens and measure JS
 
 A trial is identified by the keep count of every layer it runs (the tokens a count keeps are fixed
-by the scores), so a candidate asked for twice is measured once. JS is bracketed on the teacher's
-relevant vocabulary (restricted_js.py) and measured on the whole head only when the bracket
-straddles the policy's delta.
+by the scores), so a candidate asked for twice is measured once. JS is measured on the whole LM
+head, or for policies that allow it on the teacher's relevant vocabulary (restricted_js.py).
 """
 from __future__ import annotations
 
@@ -33,7 +32,7 @@ class TrialStats:
 
     requested: int = 0  # candidates judged
     run: int = 0  # forwards actually run (requested minus identical candidates seen before)
-    full_heads: int = 0  # trials whose bracket straddled delta, measured on the whole LM head (exact_js)
+    full_heads: int = 0  # trials measured on the whole LM head
     restricted: int = 0  # trials decided on the restricted-vocabulary JS (not exact_js)
 
     def add(self, other: "TrialStats") -> None:
@@ -77,8 +76,7 @@ class ChunkSearch:
     precision: str  # candidates are round-tripped through this storage precision ("fp32": judged as computed)
     on_settle: Callable[[], None] = lambda: None  # progress tick per settled layer
     forced: torch.Tensor | None = None  # [L] bool tokens every layer keeps (default: the chunk's answer tokens)
-    restricted: bool = True  # bracket JS on the teacher's relevant vocabulary
-    exact_js: bool = True  # decide on the exact JS (whole head unless a certified bracket decides); else restricted
+    exact_js: bool = True  # decide on the exact JS (the whole head); else on the restricted-vocabulary JS
     num_layers: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -107,7 +105,6 @@ class ChunkSearch:
         if getattr(head, "bias", None) is not None:
             raise NotImplementedError("an LM head with a bias")  # no supported family has one
         self.head = RestrictedHead(head.weight, d.stack.norm(teacher.hidden[self.calib.answer_mask]))
-        self.head.enabled = self.head.enabled and self.restricted
         self.importance = [smooth_scores(s, forced) for s in teacher.scores]  # per layer [kv, L]
 
         self.working = list(full)  # layers settle one by one; unsettled layers keep the whole chunk
@@ -156,9 +153,8 @@ class ChunkSearch:
         return self._choices[(layer, count)]
 
     def _judge(self, start: int, counts: dict[int, int], delta: float | None) -> float:
-        """Mean JS of the trial. With `delta`, a certified bound when it decides (the upper bound when
-        it passes, the lower bound when it fails); a bracket straddling delta is measured on the whole
-        head (exact_js); without exact_js every trial is decided on the restricted-vocabulary JS."""
+        """Mean JS of the trial: exact (the whole LM head) with exact_js or without `delta`, else the
+        restricted-vocabulary JS (the head on the teacher's relevant tokens + a tail bucket)."""
         key = (start, tuple(counts[l] for l in range(start, self.num_layers)))
         self.stats.requested += 1
         x = self._outputs.get(key)
@@ -170,16 +166,10 @@ class ChunkSearch:
                     memory[l] = self._choose(l, c).stored
             x = self._run(memory, start)
             self._outputs[key] = x
-        if delta is not None and self.head.enabled and key not in self._exact:
-            if not self.exact_js:
-                self.stats.restricted += 1
-                return self.head.estimate(x)
-            b = self.head.bracket(x)
-            if b.hi <= delta:
-                return b.hi
-            if b.lo > delta:
-                return b.lo
-            self.stats.full_heads += 1
+        if delta is not None and self.head.enabled and not self.exact_js and key not in self._exact:
+            self.stats.restricted += 1
+            return self.head.estimate(x)
+        self.stats.full_heads += 1
         if key not in self._exact:
             self._exact[key] = self.head.exact(x)
         return self._exact[key]
