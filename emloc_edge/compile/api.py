@@ -9,6 +9,7 @@ from ..memory import TaskMemory
 from ..models.base import ModelAdapter
 from .compressor import CompileOptions, Compressor, Progress
 from .demos import Demo, check_demo_lengths, load_demos
+from .device import resolve_device
 
 
 def compile_memory(
@@ -23,12 +24,16 @@ def compile_memory(
     append: str | Path | None = None,
     question: str | None = None,
     progress: Progress | None = None,
+    policy: str | None = None,
+    device: str = "auto",
 ) -> TaskMemory:
     """Compress demonstrations into an EMLoC task memory (and save it to `output` if given).
 
     demos: a demos folder (demos.jsonl or <answer>/<image> layout) or a list of `Demo`.
     model: a local HF model folder, a .gguf file, or an adapter from `load_model`.
-    Options left as None take the paper's defaults, or with `append` the existing memory's own
+    policy: a name in `emloc_edge.compile.policy.POLICIES` ("emloc", the default; "emloc-paper", the
+    authors' search; "uniform"). device: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda".
+    Options left as None take the defaults, or with `append` the existing memory's own
     settings; `append` compresses the demos as further chunks of that memory file, whose earlier
     chunks stay bit-identical.
     """
@@ -46,12 +51,13 @@ def compile_memory(
         ratios=base.ratios if ratios is None else tuple(ratios),
         chunk_size=base.chunk_size if chunk_size is None else chunk_size,
         precision=base.precision if precision is None else precision,
-        policy=base.policy,
+        policy=base.policy if policy is None else policy,
     )
     if existing is not None:
         _check_same_settings(base, options, append)
     if output is not None:
         _check_output(Path(output))
+    resolve_device(device)  # a bad or unavailable device fails before the model loads
     adapter = model if isinstance(model, ModelAdapter) else load_model(model)
     if existing is not None:
         existing.check_model(adapter.fingerprint(), append)
@@ -61,7 +67,7 @@ def compile_memory(
         first = next(d.image for d in demos if d.image is not None)
         raise BadInputError(f"{where or first}: {adapter.name} is a text-only model, but the demonstrations have images")
     try:
-        memory = Compressor(adapter, options).compile(demos, existing=existing, progress=progress)
+        memory = Compressor(adapter, options, device=device).compile(demos, existing=existing, progress=progress)
     except BadInputError as e:  # e.g. more positions than the model has: name the demos folder
         if where is None:
             raise
@@ -73,7 +79,7 @@ def compile_memory(
 
 def _check_same_settings(memory: CompileOptions, given: CompileOptions, path: str | Path) -> None:
     """Appending keeps the memory's own settings; name the memory file and each option that differs."""
-    fields = ("delta", "ratios", "chunk_size", "precision")
+    fields = ("delta", "ratios", "chunk_size", "precision", "policy")
     show = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else str(v)  # noqa: E731
     diff = [f"{f} {show(getattr(memory, f))} (given {show(getattr(given, f))})"
             for f in fields if getattr(memory, f) != getattr(given, f)]

@@ -1,9 +1,13 @@
 """One EMLoC chunk: prefill it against the memory, score its tokens, prune each layer under the policy.
 
     memory M (per layer, frozen) ──► prefill chunk at positions P.. ──► KV_c (per layer, L tokens)
-    calibration rows (the chunk's demos again, at positions P'..) attend to [M ; KV_c]:
+    calibration rows (demos fed after the chunk, at positions P'..) attend to [M ; KV_c]:
         teacher log-probs at answer tokens, hidden states entering each layer, and per-head scores
     policy: for chosen layers and counts, replace KV_c by its best `count` tokens and measure JS
+
+A trial is identified by the keep count of every layer it runs (the tokens a count keeps are fixed
+by the scores), so a candidate asked for twice is measured once. JS is measured on the whole LM
+head, or for policies that allow it on the teacher's relevant vocabulary (restricted_js.py).
 """
 from __future__ import annotations
 
@@ -17,21 +21,38 @@ from ..memory import ChunkRecord
 from ..memory.quantize import roundtrip
 from ..models.base import Batch
 from ..models.decoder import LayerKV, RaggedDecoder, Scoring
-from .divergence import js_divergence
 from .policy import LayerBudgetPolicy
+from .restricted_js import RestrictedHead
 from .scoring import gather_tokens, keep_count, keep_topk, smooth_scores
+
+
+@dataclass
+class TrialStats:
+    """How many candidates a chunk's policy asked for, and what they cost."""
+
+    requested: int = 0  # candidates judged
+    run: int = 0  # forwards actually run (requested minus identical candidates seen before)
+    full_heads: int = 0  # trials measured on the whole LM head
+    restricted: int = 0  # trials decided on the restricted-vocabulary JS (not exact_js)
+
+    def add(self, other: "TrialStats") -> None:
+        self.requested += other.requested
+        self.run += other.run
+        self.full_heads += other.full_heads
+        self.restricted += other.restricted
 
 
 @dataclass
 class ChunkResult:
     """What a chunk adds to every layer, and how it was decided."""
 
-    memory: list[LayerKV]  # the working memory after the chunk (as stored: quantization round-tripped)
+    memory: list[LayerKV]  # the working memory after the chunk (what later chunks condition on)
     keys: list[np.ndarray]  # per layer [kv, n_l, hd] float32, before quantization (what the file encodes)
     values: list[np.ndarray]  # per layer [kv, n_l, hd]
     token_index: list[np.ndarray]  # per layer [kv, n_l] int32, index within the chunk
     record: ChunkRecord
     span: int  # positions the chunk occupies (the query offset advances by this)
+    stats: TrialStats
 
 
 @dataclass
@@ -40,7 +61,7 @@ class _Choice:
     index: torch.Tensor  # [kv, n]
     key: torch.Tensor  # [kv, n, hd] as computed
     value: torch.Tensor
-    stored: LayerKV  # memory_l extended by the round-tripped kept tokens
+    stored: LayerKV  # memory_l extended by the kept tokens (round-tripped when judged as stored)
 
 
 @dataclass
@@ -50,10 +71,12 @@ class ChunkSearch:
     decoder: RaggedDecoder
     memory: list[LayerKV]
     chunk: Batch  # one row, no padding
-    calib: Batch  # the chunk's demonstrations, one row each, right-padded
+    calib: Batch  # calibration demonstrations, one row each, right-padded
     offset: int  # position the chunk starts at
-    precision: str
+    precision: str  # candidates are round-tripped through this storage precision ("fp32": judged as computed)
     on_settle: Callable[[], None] = lambda: None  # progress tick per settled layer
+    forced: torch.Tensor | None = None  # [L] bool tokens every layer keeps (default: the chunk's answer tokens)
+    exact_js: bool = True  # decide on the exact JS (the whole head); else on the restricted-vocabulary JS
     num_layers: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -66,80 +89,124 @@ class ChunkSearch:
         )
         self.chunk_kv = [(k[0], v[0]) for k, v in out.new_kv]  # per layer ([kv, L, hd], [kv, L, hd])
         self.tokens = self.chunk.input_ids.shape[1]
-        self.answers = int(self.chunk.answer_mask.sum())
+        forced = self.chunk.answer_mask[0] if self.forced is None else self.forced  # [L]
+        self.answers = int(forced.sum())
         self.span = int(self.chunk.next_position[0])
         full = [m.extend(k, v) for m, (k, v) in zip(self.memory, self.chunk_kv)]
 
-        # 2. Calibration pass: the chunk's demos re-fed right after it, attending to [memory ; chunk].
+        # 2. Calibration pass: the calibration demos fed right after the chunk, attending to [memory ; chunk].
         self.calib_positions = self.calib.position_ids + self.offset + self.span
         teacher = d.forward(
             self.calib.inputs_embeds, self.calib_positions, self.calib.attention_mask, full, keep_inputs=True,
             scoring=Scoring(self.calib.answer_mask, [len(m) for m in self.memory]),
         )
         self.layer_inputs = teacher.layer_inputs  # h_l entering layer l: exact while layers < l are unpruned
-        self.teacher_logprobs = d.logits(teacher.hidden[self.calib.answer_mask]).float().log_softmax(-1)  # [N, V]
-        answer = self.chunk.answer_mask[0]  # [L]
-        self.importance = [smooth_scores(s, answer) for s in teacher.scores]  # per layer [kv, L]
+        head = d.stack.lm_head
+        if getattr(head, "bias", None) is not None:
+            raise NotImplementedError("an LM head with a bias")  # no supported family has one
+        self.head = RestrictedHead(head.weight, d.stack.norm(teacher.hidden[self.calib.answer_mask]))
+        self.importance = [smooth_scores(s, forced) for s in teacher.scores]  # per layer [kv, L]
 
-        self.working = list(full)  # layers settle one by one; unsettled entries are never run
+        self.working = list(full)  # layers settle one by one; unsettled layers keep the whole chunk
         self.settled: dict[int, tuple[_Choice, float, float | None]] = {}
-        self._candidate: tuple[tuple[int, int], _Choice] | None = None
+        self._choices: dict[tuple[int, int], _Choice] = {}
+        self._outputs: dict[tuple, torch.Tensor] = {}  # trial key -> normed final hidden at answer positions
+        self._exact: dict[tuple, float] = {}
+        self.stats = TrialStats()
 
     # --- the protocol -----------------------------------------------------------------------------
     def keep_count(self, ratio: float) -> int:
         return keep_count(ratio, self.tokens, self.answers)
 
-    def try_keep(self, layer: int, count: int) -> float:
-        choice = self._choose(layer, count)
-        memory = list(self.working)
-        memory[layer] = choice.stored
-        return self._js(memory, start_layer=layer)
+    def settled_count(self, layer: int) -> int:
+        return self.settled[layer][0].count if layer in self.settled else self.tokens
+
+    def try_keep(self, layer: int, count: int, delta: float | None = None) -> float:
+        """JS with `layer` at `count` (higher layers as settled, lower ones whole); see `_judge`."""
+        counts = {l: self.settled_count(l) for l in range(layer, self.num_layers)} | {layer: count}
+        return self._judge(layer, counts, delta)
+
+    def try_profile(self, counts: list[int], delta: float | None = None) -> float:
+        """JS with every layer at its count at once: one trial through the whole stack."""
+        return self._judge(0, dict(enumerate(counts)), delta)
 
     def settle(self, layer: int, count: int, ratio: float, js: float | None) -> None:
         choice = self._choose(layer, count)
         self.working[layer] = choice.stored
         self.settled[layer] = (choice, ratio, js)
+        for key in [k for k in self._choices if k[0] == layer and k[1] != count]:
+            del self._choices[key]  # a settled layer's other candidates are never run again
         self.on_settle()
 
     # --- helpers ----------------------------------------------------------------------------------
     def _choose(self, layer: int, count: int) -> _Choice:
-        if self._candidate is not None and self._candidate[0] == (layer, count):
-            return self._candidate[1]  # settle() right after the try_keep() that passed
-        index = keep_topk(self.importance[layer], count)  # [kv, n]
-        k, v = self.chunk_kv[layer]
-        key, value = gather_tokens(k, index), gather_tokens(v, index)  # [kv, n, hd]
-        stored_k, stored_v = _roundtrip(key, value, self.precision)
-        choice = _Choice(count, index, key, value, self.memory[layer].extend(stored_k, stored_v))
-        self._candidate = ((layer, count), choice)
-        return choice
+        if count == self.tokens:  # the whole chunk: no selection, stored as computed
+            k, v = self.chunk_kv[layer]
+            index = torch.arange(count, device=k.device)[None].expand(k.shape[0], -1)
+            return _Choice(count, index, k, v, self.memory[layer].extend(*_roundtrip(k, v, self.precision)))
+        if (layer, count) not in self._choices:
+            index = keep_topk(self.importance[layer], count)  # [kv, n]
+            k, v = self.chunk_kv[layer]
+            key, value = gather_tokens(k, index), gather_tokens(v, index)  # [kv, n, hd]
+            stored = self.memory[layer].extend(*_roundtrip(key, value, self.precision))
+            self._choices[(layer, count)] = _Choice(count, index, key, value, stored)
+        return self._choices[(layer, count)]
 
-    def _js(self, memory: list[LayerKV], start_layer: int) -> float:
+    def _judge(self, start: int, counts: dict[int, int], delta: float | None) -> float:
+        """Mean JS of the trial: exact (the whole LM head) with exact_js or without `delta`, else the
+        restricted-vocabulary JS (the head on the teacher's relevant tokens + a tail bucket)."""
+        key = (start, tuple(counts[l] for l in range(start, self.num_layers)))
+        self.stats.requested += 1
+        x = self._outputs.get(key)
+        if x is None:
+            self.stats.run += 1
+            memory = list(self.working)
+            for l, c in counts.items():
+                if not (l in self.settled and c == self.settled_count(l)):
+                    memory[l] = self._choose(l, c).stored
+            x = self._run(memory, start)
+            self._outputs[key] = x
+        if delta is not None and self.head.enabled and not self.exact_js and key not in self._exact:
+            self.stats.restricted += 1
+            return self.head.estimate(x)
+        self.stats.full_heads += 1
+        if key not in self._exact:
+            self._exact[key] = self.head.exact(x)
+        return self._exact[key]
+
+    def _run(self, memory: list[LayerKV], start: int) -> torch.Tensor:
         out = self.decoder.forward(
-            self.layer_inputs[start_layer], self.calib_positions, self.calib.attention_mask, memory,
-            start_layer=start_layer,
+            self.layer_inputs[start], self.calib_positions, self.calib.attention_mask, memory, start_layer=start,
         )
-        return js_divergence(self.decoder.logits(out.hidden[self.calib.answer_mask]), self.teacher_logprobs)
+        return self.decoder.stack.norm(out.hidden[self.calib.answer_mask])  # [N, D]
 
     def result(self, demos: int) -> ChunkResult:
         missing = [l for l in range(self.num_layers) if l not in self.settled]
         if missing:
             raise RuntimeError(f"policy left layers {missing} undecided")
         choices = [self.settled[l] for l in range(self.num_layers)]
+        key = (0, tuple(c.count for c, _, _ in choices))
+        if key not in self._outputs:  # the final state was never run as one trial
+            self.stats.run += 1
+            self._outputs[key] = self._run(self.working, 0)
+        if key not in self._exact:
+            self._exact[key] = self.head.exact(self._outputs[key])
         record = ChunkRecord(
             demos=demos,
             tokens=self.tokens,
             kept_per_layer=[c.count for c, _, _ in choices],
             ratio_per_layer=[r for _, r, _ in choices],
             js_per_layer=[js for _, _, js in choices],
-            final_js=self._js(self.working, start_layer=0),
+            final_js=self._exact[key],
         )
         return ChunkResult(
             memory=self.working,
-            keys=[c.key.float().numpy() for c, _, _ in choices],
-            values=[c.value.float().numpy() for c, _, _ in choices],
-            token_index=[c.index.to(torch.int32).numpy() for c, _, _ in choices],
+            keys=[c.key.float().cpu().numpy() for c, _, _ in choices],
+            values=[c.value.float().cpu().numpy() for c, _, _ in choices],
+            token_index=[c.index.to(torch.int32).cpu().numpy() for c, _, _ in choices],
             record=record,
             span=self.span,
+            stats=self.stats,
         )
 
 
@@ -153,14 +220,20 @@ def compress_chunk(
     precision: str,
     demos: int,
     on_settle: Callable[[], None] = lambda: None,
+    forced: torch.Tensor | None = None,
+    exact_js: bool = True,
 ) -> ChunkResult:
-    search = ChunkSearch(decoder, memory, chunk, calib, offset, precision, on_settle)
+    search = ChunkSearch(decoder, memory, chunk, calib, offset, precision, on_settle, forced, exact_js=exact_js)
     policy.decide(search)
     return search.result(demos)
 
 
 def _roundtrip(key: torch.Tensor, value: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The values the memory file will hold for these tokens, so later chunks condition on exactly them."""
-    key_t = key.float().transpose(1, 2).numpy()  # [kv, hd, n]
-    stored_key_t, stored_value = roundtrip(key_t, value.float().numpy(), precision)
-    return torch.from_numpy(np.ascontiguousarray(stored_key_t)).transpose(1, 2), torch.from_numpy(stored_value)
+    """The values the memory file will hold for these tokens (unchanged for fp32)."""
+    if precision == "fp32":
+        return key, value
+    device = key.device
+    key_t = key.float().transpose(1, 2).cpu().numpy()  # [kv, hd, n]
+    stored_key_t, stored_value = roundtrip(key_t, value.float().cpu().numpy(), precision)
+    key_out = torch.from_numpy(np.ascontiguousarray(stored_key_t)).transpose(1, 2).to(device)
+    return key_out, torch.from_numpy(stored_value).to(device)

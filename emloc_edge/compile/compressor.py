@@ -12,22 +12,24 @@ from .. import __version__
 from ..errors import BadInputError, ModelMismatchError
 from ..memory import PRECISIONS, MemoryMeta, TaskMemory
 from ..models.base import ModelAdapter, Sequence
-from ..models.decoder import RaggedDecoder
-from .chunk import compress_chunk
+from ..models.decoder import LayerKV
+from .chunk import TrialStats, compress_chunk
 from .demos import Demo
+from .device import DeviceDecoder, resolve_device, to_device
 from .query import memory_kv
-from .policy import POLICIES, GreedyTopDown, UniformRatio, validate_ratios
+from .policy import DEFAULT_POLICY, POLICIES, LayerBudgetPolicy, make_policy, validate_ratios
+from .scoring import content_tokens
 
 
 @dataclass
 class CompileOptions:
-    """EMLoC hyperparameters; defaults are the paper's (delta 0.005 nats, ratios 0.1/0.2/0.5, 4 demos a chunk)."""
+    """EMLoC hyperparameters (delta 0.005 nats, ratios 0.1/0.2/0.5, 4 demos a chunk: the paper's values)."""
 
     delta: float = 0.005  # JS tolerance on the final output; < 0 prunes nothing, inf always takes the smallest ratio
     ratios: tuple[float, ...] = (0.1, 0.2, 0.5)  # candidate keep ratios, tried smallest first
     chunk_size: int = 4  # demonstrations per chunk
     precision: str = "int8"  # how the memory file stores K/V: int8 | fp16 | fp32
-    policy: str = "emloc"  # "emloc" (adaptive per layer) or "uniform" (ratios[0] in every layer)
+    policy: str = DEFAULT_POLICY  # a name in POLICIES: "emloc", "emloc-paper" or "uniform" (ratios[0] everywhere)
 
     def __post_init__(self) -> None:
         if math.isnan(self.delta):
@@ -41,10 +43,8 @@ class CompileOptions:
         if self.policy not in POLICIES:
             raise BadInputError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
 
-    def make_policy(self):
-        if self.policy == UniformRatio.name:
-            return UniformRatio(ratio=self.ratios[0])
-        return GreedyTopDown(delta=self.delta, ratios=self.ratios)
+    def make_policy(self) -> LayerBudgetPolicy:
+        return make_policy(self.policy, self.delta, self.ratios)
 
     def hyperparameters(self) -> dict:
         return {"delta": self.delta, "ratios": list(self.ratios), "chunk_size": self.chunk_size, "policy": self.policy}
@@ -67,9 +67,12 @@ class _Silent:
 class Compressor:
     adapter: ModelAdapter
     options: CompileOptions = field(default_factory=CompileOptions)
+    device: str = "auto"  # where the decoder runs: auto | cpu | cuda
 
     def __post_init__(self) -> None:
-        self.decoder = RaggedDecoder(self.adapter)
+        self.torch_device = resolve_device(self.device)
+        self.decoder = DeviceDecoder(self.adapter, self.torch_device)
+        self.stats = TrialStats()  # trials of the last compile, summed over its chunks
 
     @torch.no_grad()
     def compile(self, demos: list[Demo], existing: TaskMemory | None = None, progress: Progress | None = None) -> TaskMemory:
@@ -89,16 +92,26 @@ class Compressor:
             self.adapter.chat.check_concatenation(pieces, self.adapter.chat.messages(demos))
         self._check_positions(memory, [seq for seq, _, _ in rendered])
 
-        working = memory_kv(memory)
+        dev = self.torch_device
+        working = [LayerKV(m.key.to(dev), m.value.to(dev)) for m in memory_kv(memory)]
         offset, tokens_before = memory.meta.position_offset, memory.meta.context_tokens
         policy = self.options.make_policy()
-        for k, (chunk_seq, calib_seqs, _) in enumerate(rendered):
+        policy.resume([c.ratio_per_layer for c in memory.meta.chunks])
+        # Judged as stored: candidates go through the file's precision. Otherwise decided in fp32 and
+        # stored after, so later chunks condition on the memory as computed.
+        judge_precision = memory.meta.precision if policy.judges_stored else "fp32"
+        self.stats = TrialStats()
+        for k, (chunk_seq, _, _) in enumerate(rendered):
             progress.chunk(k, len(chunks), len(chunks[k]), self.adapter.geometry.num_layers)
+            chunk = to_device(self.adapter.embed([chunk_seq]), dev)
+            calib = to_device(self.adapter.embed(_calibration(rendered, k, policy.calibration)), dev)
+            forced = content_tokens(chunk.answer_mask[0]) if policy.forces == "content" else None
             result = compress_chunk(
-                self.decoder, working,
-                self.adapter.embed([chunk_seq]), self.adapter.embed(calib_seqs),
-                offset, policy, memory.meta.precision, demos=len(chunks[k]), on_settle=progress.layer,
+                self.decoder, working, chunk, calib,
+                offset, policy, judge_precision, demos=len(chunks[k]), on_settle=progress.layer, forced=forced,
+                exact_js=policy.exact_js,
             )
+            self.stats.add(result.stats)
             index = [i + tokens_before for i in result.token_index]  # within the chunk -> within the context
             memory.add_chunk(result.keys, result.values, index, result.record)
             working = result.memory
@@ -158,6 +171,14 @@ class Compressor:
                 f"the demonstrations need {needed} positions but {self.adapter.name} has {limit}; "
                 "use fewer or shorter demonstrations"
             )
+
+
+def _calibration(rendered: list, k: int, which: str) -> list[Sequence]:
+    """Calibration rows for chunk k: its own demos ("own"), or the next chunk's, which it has not seen
+    ("next"; the last chunk takes the previous one's)."""
+    if which == "own" or len(rendered) == 1:
+        return rendered[k][1]
+    return rendered[k + 1][1] if k + 1 < len(rendered) else rendered[k - 1][1]
 
 
 def _settings(h: dict, precision: str) -> str:

@@ -1,13 +1,16 @@
-"""Layer budget policies: how many of a chunk's tokens each layer keeps.
+"""Layer budget policies: how many of a chunk's tokens each layer keeps, selected by name (`POLICIES`).
 
 A policy sees a chunk through the narrow `ChunkSearch` protocol: it may measure the output divergence
-of a candidate keep count for a layer (`try_keep`) and must settle every layer once (`settle`). The
-chunk driver never branches on the policy type; policies are selected by name from `POLICIES`.
+of a candidate keep count for a layer (`try_keep`) or of a whole per-layer profile at once
+(`try_profile`), and must settle every layer once (`settle`). The chunk driver never branches on the
+policy type. Each policy also says how it wants its chunks judged: whether candidates are judged as
+stored (after the int8 round trip) or as computed, which demonstrations calibrate a chunk, and which
+answer-span tokens are forced into every layer.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
 from ..errors import BadInputError
@@ -18,8 +21,12 @@ class ChunkSearch(Protocol):
 
     def keep_count(self, ratio: float) -> int: ...
 
-    def try_keep(self, layer: int, count: int) -> float:
-        """Prune `layer` to its `count` best tokens (higher layers as settled) and return the final-output JS."""
+    def try_keep(self, layer: int, count: int, delta: float | None = None) -> float:
+        """Prune `layer` to its `count` best tokens (higher layers as settled) and return the final-output JS
+        (with `delta`: a certified bound on the side of delta the exact JS lies)."""
+
+    def try_profile(self, counts: list[int], delta: float | None = None) -> float:
+        """Prune every layer l to counts[l] at once and return the final-output JS (one trial)."""
 
     def settle(self, layer: int, count: int, ratio: float, js: float | None) -> None:
         """Fix `layer` at its `count` best tokens."""
@@ -27,33 +34,90 @@ class ChunkSearch(Protocol):
 
 class LayerBudgetPolicy(Protocol):
     name: ClassVar[str]
+    judges_stored: bool  # candidates judged after the storage round trip (else as computed, stored after)
+    calibration: str  # "own": the chunk's demos re-read; "next": the next chunk's demos (held out from it)
+    forces: str  # "answer": every answer-span token is kept; "content": only the answer's own tokens
+    exact_js: bool  # decide every trial on the exact JS (else on the restricted-vocabulary lower bound)
 
     def decide(self, search: ChunkSearch) -> None: ...
+
+    def resume(self, ratios_per_chunk: list[list[float]]) -> None:
+        """Continue after the chunks of an existing memory (their accepted ratios, oldest first)."""
+
+
+def greedy_top_down(search: ChunkSearch, delta: float, ratios: tuple[float, ...]) -> list[float]:
+    """The paper's search: layers from the top down, each at the smallest ratio within delta; returns
+    the ratio settled per layer. Identical candidates (two ratios giving one count) are measured once."""
+    chosen = [1.0] * search.num_layers
+    for layer in reversed(range(search.num_layers)):
+        # JS is never negative: with delta < 0 no candidate can pass, so none is measured.
+        for ratio in ratios if delta >= 0 else ():
+            js = search.try_keep(layer, search.keep_count(ratio), delta)
+            if js <= delta:
+                search.settle(layer, search.keep_count(ratio), ratio, js)
+                chosen[layer] = ratio
+                break
+        else:
+            search.settle(layer, search.keep_count(1.0), 1.0, None)
+    return chosen
 
 
 @dataclass
 class GreedyTopDown:
-    """EMLoC: layers from the top down; for each, the smallest ratio whose output stays within delta.
+    """EMLoC as in the authors' code: every chunk searched afresh, top-down, smallest ratio within delta.
 
     The test is cumulative: a candidate is judged with every higher layer already pruned as decided,
     and the hidden states entering a layer depend only on the (not yet pruned) layers below it.
-    A layer where no ratio passes keeps the whole chunk.
+    A layer where no ratio passes keeps the whole chunk. Candidates are judged as the file stores them.
+    """
+
+    name: ClassVar[str] = "emloc-paper"
+    delta: float = 0.005
+    ratios: tuple[float, ...] = (0.1, 0.2, 0.5)
+    judges_stored: bool = True
+    calibration: str = "own"
+    forces: str = "answer"
+    exact_js: bool = True
+
+    def decide(self, search: ChunkSearch) -> None:
+        greedy_top_down(search, self.delta, self.ratios)
+
+    def resume(self, ratios_per_chunk: list[list[float]]) -> None:
+        pass
+
+
+@dataclass
+class ProfileVerified:
+    """EMLoC v2: the paper's search learns a per-layer ratio profile on the first chunk; every later chunk
+    is verified with one trial of that profile (all layers pruned at once, within delta) and searched
+    afresh only if it fails, its result becoming the new profile.
+
+    Decisions are made on the memory as computed (fp32): int8 storage is applied after deciding, so an
+    int8 and an fp32 compile keep the same tokens and the rounding never tips a candidate across delta.
+    Trials per chunk: 1 when the profile holds, else 1 + at most |ratios|·layers (the paper's bound).
     """
 
     name: ClassVar[str] = "emloc"
     delta: float = 0.005
     ratios: tuple[float, ...] = (0.1, 0.2, 0.5)
+    judges_stored: bool = False
+    calibration: str = "own"
+    forces: str = "answer"
+    exact_js: bool = False
+    profile: list[float] | None = field(default=None, repr=False)
 
     def decide(self, search: ChunkSearch) -> None:
-        for layer in reversed(range(search.num_layers)):
-            # JS is never negative: with delta < 0 no candidate can pass, so none is measured.
-            for ratio in self.ratios if self.delta >= 0 else ():
-                js = search.try_keep(layer, search.keep_count(ratio))
-                if js <= self.delta:
-                    search.settle(layer, search.keep_count(ratio), ratio, js)
-                    break
-            else:
-                search.settle(layer, search.keep_count(1.0), 1.0, None)
+        if self.profile is not None and len(self.profile) == search.num_layers and self.delta >= 0:
+            counts = [search.keep_count(r) for r in self.profile]
+            js = search.try_profile(counts, self.delta)
+            if js <= self.delta:
+                for layer in reversed(range(search.num_layers)):
+                    search.settle(layer, counts[layer], self.profile[layer], js if self.profile[layer] < 1.0 else None)
+                return
+        self.profile = greedy_top_down(search, self.delta, self.ratios)
+
+    def resume(self, ratios_per_chunk: list[list[float]]) -> None:
+        self.profile = list(ratios_per_chunk[-1]) if ratios_per_chunk else None
 
 
 @dataclass
@@ -62,13 +126,36 @@ class UniformRatio:
 
     name: ClassVar[str] = "uniform"
     ratio: float = 0.2
+    judges_stored: bool = False
+    calibration: str = "own"
+    forces: str = "answer"
+    exact_js: bool = True
 
     def decide(self, search: ChunkSearch) -> None:
         for layer in range(search.num_layers):
             search.settle(layer, search.keep_count(self.ratio), self.ratio, None)
 
+    def resume(self, ratios_per_chunk: list[list[float]]) -> None:
+        pass
 
-POLICIES: dict[str, type] = {p.name: p for p in (GreedyTopDown, UniformRatio)}
+
+def _make_uniform(delta: float, ratios: tuple[float, ...]) -> UniformRatio:
+    return UniformRatio(ratio=ratios[0])
+
+
+# name -> factory(delta, ratios); the first entry is the default
+POLICIES: dict[str, object] = {
+    ProfileVerified.name: lambda delta, ratios: ProfileVerified(delta=delta, ratios=ratios),
+    GreedyTopDown.name: lambda delta, ratios: GreedyTopDown(delta=delta, ratios=ratios),
+    UniformRatio.name: _make_uniform,
+}
+DEFAULT_POLICY = ProfileVerified.name
+
+
+def make_policy(name: str, delta: float, ratios: tuple[float, ...]) -> LayerBudgetPolicy:
+    if name not in POLICIES:
+        raise BadInputError(f"policy must be one of {', '.join(POLICIES)}, got {name!r}")
+    return POLICIES[name](delta, ratios)
 
 
 def validate_ratios(ratios: tuple[float, ...]) -> tuple[float, ...]:

@@ -32,3 +32,11 @@ def keep_topk(scores: torch.Tensor, n: int) -> torch.Tensor:
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x [kv, L, hd] at per-head token indices [kv, n] -> [kv, n, hd]"""
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def content_tokens(answer: torch.Tensor) -> torch.Tensor:
+    """The answer span [L] bool without each span's first and last token (the newline that opens the
+    assistant turn and its end-of-turn), which carry the turn's structure rather than the answer."""
+    prev = torch.cat([answer.new_zeros(1), answer[:-1]])
+    nxt = torch.cat([answer[1:], answer.new_zeros(1)])
+    return answer & prev & nxt

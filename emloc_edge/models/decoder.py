@@ -127,7 +127,7 @@ class RaggedDecoder:
         g = self.geometry
         B, T, _ = hidden.shape
         cos, sin = self.rotary(hidden, positions)
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        causal = torch.ones(T, T, dtype=torch.bool, device=hidden.device).tril()
         visible = causal[None] & valid[:, None, :]  # [B, T, T] query t sees valid keys s ≤ t
         inputs, new_kv, scores = [], [], []
         for l in range(start_layer, g.num_layers):

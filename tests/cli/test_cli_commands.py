@@ -173,3 +173,18 @@ def test_version():
     result = cli("--version")
     assert result.exit_code == 0
     assert result.stdout.strip() == f"emloc-edge, version {__version__}"
+
+
+@pytest.mark.parametrize("policy", ["emloc", "emloc-paper", "uniform"])
+def test_compile_policy_and_device(llama_dir: Path, tmp_path: Path, out_dir: Path, policy: str):
+    demos = text_demos(tmp_path / "demos", n=4)
+    out = out_dir / "t.emloc"
+    result = cli("compile", demos, "--model", llama_dir, "-o", out, "--policy", policy, "--device", "cpu", *FAST)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert TaskMemory.load(out).meta.hyperparameters["policy"] == policy
+
+
+def test_compile_unknown_policy_is_a_usage_error(llama_dir: Path, tmp_path: Path):
+    demos = text_demos(tmp_path / "demos", n=2)
+    result = cli("compile", demos, "--model", llama_dir, "--policy", "nope", *FAST)
+    assert result.exit_code == 2 and "--policy" in result.stderr

@@ -1,0 +1,193 @@
+"""The compiler's search on tiny random models: policies by name, identical candidates measured once,
+the same decisions as a naive search, the profile policy's verification, fp32 decisions stored int8,
+the restricted-vocabulary JS bracket, and the device option."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from emloc_edge.compile.api import compile_memory
+from emloc_edge.compile.chunk import ChunkSearch
+from emloc_edge.compile.compressor import CompileOptions, Compressor
+from emloc_edge.compile.divergence import js_divergence
+from emloc_edge.compile.policy import POLICIES, GreedyTopDown, greedy_top_down
+from emloc_edge.compile.restricted_js import RestrictedHead, full_js
+from emloc_edge.errors import BadInputError
+from emloc_edge.memory import with_precision
+from emloc_edge.compile.query import memory_kv
+from emloc_edge.models.decoder import LayerKV
+from emloc_edge.models.loading import load_model
+from test_compile import make_demos
+
+
+@pytest.fixture(scope="module")
+def llama(llama_dir):
+    return load_model(llama_dir)
+
+
+def _compile(adapter, demos, **options):
+    compressor = Compressor(adapter, CompileOptions(**options))
+    return compressor.compile(demos), compressor.stats
+
+
+def test_policies_by_name_and_default():
+    assert list(POLICIES)[:3] == ["emloc", "emloc-paper", "uniform"]
+    assert CompileOptions().policy == "emloc"
+    assert isinstance(CompileOptions(policy="emloc-paper").make_policy(), GreedyTopDown)
+    with pytest.raises(BadInputError, match="policy"):
+        CompileOptions(policy="nope")
+
+
+def test_identical_candidates_are_measured_once(llama, tmp_path):
+    """Ratios 0.01 and 0.02 both fall under a chunk's answer tokens, so they keep the same count.
+    With delta 0 nothing passes: every layer asks for both, and only one forward runs per layer."""
+    demos = make_demos("llama", 4, tmp_path)  # 4-word questions
+    memory, stats = _compile(llama, demos, delta=0.0, ratios=(0.01, 0.02), chunk_size=2, precision="fp32",
+                             policy="emloc-paper")
+    layers = llama.geometry.num_layers
+    for chunk in memory.meta.chunks:
+        answers = 2 * 3
+        assert int(0.02 * chunk.tokens) <= answers, "test precondition: both ratios give the answer count"
+    assert stats.requested == 2 * layers * 2  # chunks × layers × ratios
+    assert stats.run == 2 * (layers + 1)  # one per layer, and the final state once per chunk
+
+
+def _naive_greedy(search: ChunkSearch, delta: float, ratios) -> list[int]:
+    """The paper's search with nothing shared between trials: every candidate run, JS on the whole head."""
+    counts = []
+    for layer in reversed(range(search.num_layers)):
+        chosen = search.tokens
+        for ratio in ratios:
+            n = search.keep_count(ratio)
+            memory = list(search.working)
+            memory[layer] = search._choose(layer, n).stored
+            out = search.decoder.forward(search.layer_inputs[layer], search.calib_positions,
+                                         search.calib.attention_mask, memory, start_layer=layer)
+            logits = search.decoder.logits(out.hidden[search.calib.answer_mask])
+            if js_divergence(logits, search.head.log_q) <= delta:
+                chosen = n
+                break
+        search.settle(layer, chosen, 1.0, None)
+        counts.append(chosen)
+    return counts[::-1]
+
+
+@pytest.mark.parametrize("delta", [0.0005, 0.005, 0.05])
+def test_search_reaches_the_naive_searchs_decisions(llama, tmp_path, delta):
+    """emloc-paper (candidates deduplicated, bracketed JS) keeps what a naive search keeps; so does the
+    first chunk of emloc, which learns its profile there."""
+    demos = make_demos("llama", 6, tmp_path, long=True)
+    compressor = Compressor(llama, CompileOptions(chunk_size=3, precision="fp32"))
+    ratios = (0.1, 0.2, 0.5)
+    offset = 0
+    paper, _ = _compile(llama, demos, delta=delta, chunk_size=3, precision="fp32", policy="emloc-paper")
+    ours, _ = _compile(llama, demos, delta=delta, chunk_size=3, precision="fp32", policy="emloc")
+    # naive search on chunk 0 from the empty memory, and on chunk 1 from the paper's own chunk-0 memory
+    kv = memory_kv(paper)
+    start = [0] * llama.geometry.num_layers
+    for k, record in enumerate(paper.meta.chunks):
+        seq, calib_seqs, _ = compressor._render_chunk(demos[k * 3 : (k + 1) * 3], with_system=k == 0)
+        prefix = [LayerKV(m.key[:, :s], m.value[:, :s]) for m, s in zip(kv, start)]
+        with torch.no_grad():
+            search = ChunkSearch(compressor.decoder, prefix, llama.embed([seq]), llama.embed(calib_seqs), offset, "fp32")
+            assert _naive_greedy(search, delta, ratios) == record.kept_per_layer, (k, delta)
+        offset += search.span
+        start = [s + n for s, n in zip(start, record.kept_per_layer)]
+    assert ours.meta.chunks[0].kept_per_layer == paper.meta.chunks[0].kept_per_layer
+
+
+def test_profile_policy_verifies_later_chunks_in_one_trial(llama, tmp_path):
+    """delta = inf: chunk 0 is searched (every layer's first ratio passes), every later chunk is one trial."""
+    demos = make_demos("llama", 9, tmp_path, long=True)
+    memory, stats = _compile(llama, demos, delta=math.inf, chunk_size=3, precision="fp32", policy="emloc")
+    layers = llama.geometry.num_layers
+    assert stats.requested == layers + 2  # chunk 0: one per layer; chunks 1, 2: one profile trial each
+    assert all(c.ratio_per_layer == [0.1] * layers for c in memory.meta.chunks)
+
+
+def test_profile_policy_chunks_stay_within_delta(llama, tmp_path):
+    demos = make_demos("llama", 9, tmp_path, long=True)
+    memory, _ = _compile(llama, demos, delta=0.005, chunk_size=3, precision="fp32", policy="emloc")
+    assert all(c.final_js <= 0.005 for c in memory.meta.chunks)
+
+
+@pytest.mark.parametrize("policy", ["emloc", "uniform"])
+def test_fp32_decisions_stored_int8(llama, tmp_path, policy):
+    """emloc decides as computed: an int8 compile keeps exactly the fp32 compile's tokens, and its file
+    is that fp32 memory stored int8."""
+    demos = make_demos("llama", 8, tmp_path, long=True)
+    fp32, _ = _compile(llama, demos, delta=0.005, chunk_size=2, precision="fp32", policy=policy)
+    int8, _ = _compile(llama, demos, delta=0.005, chunk_size=2, precision="int8", policy=policy)
+    stored = with_precision(fp32, "int8")
+    for a, b in zip(int8.layers, stored.layers):
+        assert np.array_equal(a.token_index, b.token_index)
+        assert np.array_equal(a.key_t, b.key_t) and np.array_equal(a.value, b.value)
+    assert [c.kept_per_layer for c in int8.meta.chunks] == [c.kept_per_layer for c in fp32.meta.chunks]
+
+
+def _head_case(seed: int, vocab: int = 3000, dim: int = 24, n: int = 6, sharp: float = 6.0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(vocab, dim, generator=g) / math.sqrt(dim)
+    x_t = torch.randn(n, dim, generator=g) * sharp  # a peaked teacher, as at answer positions
+    return weight, x_t, g
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("scale", [0.01, 0.1, 0.5])
+def test_restricted_bracket_holds_against_the_full_vocabulary(seed, scale):
+    weight, x_t, g = _head_case(seed)
+    head = RestrictedHead(weight, x_t, eps=1e-3, per_position=64, max_share=1.0)
+    assert 0 < len(head.vocab) < weight.shape[0]
+    x_s = x_t + scale * torch.randn(x_t.shape, generator=g) * x_t.norm(dim=-1, keepdim=True) / math.sqrt(x_t.shape[1])
+    exact = float(full_js(x_s @ weight.T, (x_t @ weight.T).log_softmax(-1)).mean())
+    assert head.exact(x_s) == pytest.approx(exact, rel=1e-5)
+    b = head.bracket(x_s)
+    assert b.lo <= exact + 1e-7 and exact <= b.hi + 1e-7, (b, exact)
+    est = head.estimate(x_s)
+    assert est <= exact * 1.02 + 1e-7  # below the full JS up to the tangent tail estimate's error
+    if scale <= 0.1:
+        assert est >= 0.8 * exact, (est, exact)
+
+
+def test_restricted_head_at_the_teacher_is_zero():
+    weight, x_t, _ = _head_case(0)
+    head = RestrictedHead(weight, x_t, eps=1e-3, per_position=64, max_share=1.0)
+    assert head.estimate(x_t) == pytest.approx(0.0, abs=1e-6)
+    assert head.bracket(x_t).lo == pytest.approx(0.0, abs=1e-6)
+
+
+def test_device_cpu_equals_auto_on_this_machine(llama, tmp_path):
+    demos = make_demos("llama", 4, tmp_path, long=True)
+    auto = compile_memory(demos, llama, chunk_size=2, device="auto")
+    cpu = compile_memory(demos, llama, chunk_size=2, device="cpu")
+    for a, b in zip(auto.layers, cpu.layers):
+        assert np.array_equal(a.token_index, b.token_index) and np.array_equal(a.key_t, b.key_t)
+    with pytest.raises(BadInputError, match="device"):
+        compile_memory(demos, llama, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(BadInputError, match="cuda"):
+            compile_memory(demos, llama, device="cuda")
+
+
+def test_greedy_top_down_returns_what_it_settled():
+    class Fake:
+        num_layers = 3
+
+        def __init__(self):
+            self.settled = {}
+
+        def keep_count(self, r):
+            return int(r * 100)
+
+        def try_keep(self, layer, count, delta=None):
+            return 0.0 if (layer, count) in {(2, 10), (0, 50)} else 1.0
+
+        def settle(self, layer, count, ratio, js):
+            self.settled[layer] = count
+
+    fake = Fake()
+    assert greedy_top_down(fake, 0.005, (0.1, 0.2, 0.5)) == [0.5, 1.0, 0.1]
+    assert fake.settled == {2: 10, 1: 100, 0: 50}
