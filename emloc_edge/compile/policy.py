@@ -92,9 +92,14 @@ class ProfileVerified:
     is verified with one trial of that profile (all layers pruned at once, within delta) and searched
     afresh only if it fails, its result becoming the new profile.
 
+    The profile is searched with headroom (at delta·search_margin) and verified at delta: a profile
+    found at exactly delta sits on the edge, and measured on warehouse-text, half the later chunks then
+    fail verification by a few percent and are searched again.
+
     Decisions are made on the memory as computed (fp32): int8 storage is applied after deciding, so an
     int8 and an fp32 compile keep the same tokens and the rounding never tips a candidate across delta.
     Trials per chunk: 1 when the profile holds, else 1 + at most |ratios|·layers (the paper's bound).
+    Every chunk ends within delta (searched at delta·search_margin, or verified at delta).
     """
 
     name: ClassVar[str] = "emloc"
@@ -104,6 +109,7 @@ class ProfileVerified:
     calibration: str = "own"
     forces: str = "answer"
     exact_js: bool = False
+    search_margin: float = 0.5
     profile: list[float] | None = field(default=None, repr=False)
 
     def decide(self, search: ChunkSearch) -> None:
@@ -114,7 +120,7 @@ class ProfileVerified:
                 for layer in reversed(range(search.num_layers)):
                     search.settle(layer, counts[layer], self.profile[layer], js if self.profile[layer] < 1.0 else None)
                 return
-        self.profile = greedy_top_down(search, self.delta, self.ratios)
+        self.profile = greedy_top_down(search, self.delta * self.search_margin, self.ratios)
 
     def resume(self, ratios_per_chunk: list[list[float]]) -> None:
         self.profile = list(ratios_per_chunk[-1]) if ratios_per_chunk else None
