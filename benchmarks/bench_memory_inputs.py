@@ -95,7 +95,9 @@ def run_setup_m(args, cache: Path, measure, e2e_answers, export_cached) -> dict:
     rows = {}
     for kind, p in paths.items():
         rows[kind] = {"label": p.label, "step_ms_median": _med(p.step_ms), "ttft_ms_median": _med(p.ttft_ms),
+                      "step_ms_p10_p90": _spread(p.step_ms), "ttft_ms_p10_p90": _spread(p.ttft_ms),
                       "steps": len(p.step_ms), "prefills": len(p.ttft_ms), "answer": e2e.get(p.key),
+                      "step_ms": p.step_ms, "ttft_ms": p.ttft_ms,
                       **ram(mem_path, "decoder_step_q8" if kind == "int8" else "decoder_step")}
     kept = memory.meta.kept_tokens_per_layer
     res = {
@@ -120,15 +122,17 @@ def print_setup_m(res: dict) -> None:
     print(f"=== setup M: {res['description']}")
     for k in ("model", "memory", "query_tokens", "threads", "load_avg_start", "load_avg_end"):
         print(f"    {k}: {res[k]}")
-    head = (f"{'path':<48} {'RSS load+bind MB':>17} {'bound MB':>9} {'step ms':>8} {'TTFT ms':>8} "
-            f"{'answer(): TTFT ms, tok/s':>26}")
+    head = (f"{'path':<48} {'RSS load+bind MB':>17} {'bound MB':>9} {'step ms (p10-p90)':>22} "
+            f"{'TTFT ms (p10-p90)':>22} {'answer(): TTFT ms, tok/s':>26}")
     print(head)
     print("-" * len(head))
     for row in res["paths"].values():
         a = row["answer"]
         e2e = f"{a['ttft_ms']:.1f}, {a['tokens_per_s']:.1f}" if a else "-"
+        step = f"{row['step_ms_median']:.1f} ({row['step_ms_p10_p90'][0]:.0f}-{row['step_ms_p10_p90'][1]:.0f})"
+        ttft = f"{row['ttft_ms_median']:.1f} ({row['ttft_ms_p10_p90'][0]:.0f}-{row['ttft_ms_p10_p90'][1]:.0f})"
         print(f"{row['label']:<48} {row['rss_bytes'] / 1e6:>17.2f} {row['bound_feed_bytes'] / 1e6:>9.2f} "
-              f"{row['step_ms_median']:>8.2f} {row['ttft_ms_median']:>8.2f} {e2e:>26}")
+              f"{step:>22} {ttft:>22} {e2e:>26}")
     print(f"  (medians of {res['paths']['int8']['steps']} decode steps and {res['paths']['int8']['prefills']} "
           "query prefills, interleaved; RSS measured in a fresh process per variant)")
     for name, r in res["ratios"].items():
@@ -140,6 +144,10 @@ def print_setup_m(res: dict) -> None:
 
 def _med(xs):
     return float(np.median(xs)) if xs else None
+
+
+def _spread(xs):
+    return (float(np.percentile(xs, 10)), float(np.percentile(xs, 90))) if xs else (float("nan"), float("nan"))
 
 
 __all__ = ["print_setup_m", "run_setup_m"]
