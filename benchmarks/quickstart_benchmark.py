@@ -36,7 +36,7 @@ def _cpu_seconds() -> float:
 def _timed(cmd: list[str], env: dict) -> tuple[float, float, str]:
     """Run `cmd` from the repository root; (wall s, CPU s, stdout). A failing step ends the benchmark."""
     cpu, start = _cpu_seconds(), time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
@@ -45,7 +45,7 @@ def _timed(cmd: list[str], env: dict) -> tuple[float, float, str]:
 
 def _held_out_images() -> list[Path]:
     test = ROOT / "examples" / "fashion-bins" / "test"
-    return [sorted(b.glob("*.png"))[0] for b in sorted(test.iterdir()) if b.is_dir() and any(b.glob("*.png"))]
+    return [min(b.glob("*.png")) for b in sorted(test.iterdir()) if b.is_dir() and any(b.glob("*.png"))]
 
 
 def main() -> None:

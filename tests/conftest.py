@@ -115,3 +115,35 @@ def all_family_dir(request: pytest.FixtureRequest, tiny_model_dir: Callable[...,
 def make_images() -> Callable[[Path, int, int], list[Path]]:
     """``make_images(dir, n, seed) -> [png paths]``: small distinct random RGB images, 40-80 px."""
     return _make_images
+
+
+# ---- real weights: built once per session, shared by every module that needs them ----------------------------
+@pytest.fixture(scope="session")
+def default_vlm(tmp_path_factory: pytest.TempPathFactory):
+    """The embedded default model (real parts), assembled once per session into a temp folder; skipped,
+    with the reason, where its packages are not installed."""
+    from real_parts import missing_packages, real_work_threads
+
+    missing = missing_packages()
+    if missing:
+        pytest.skip(f"default model parts not installed: {', '.join(missing)} (see scripts/env.sh)")
+    from emloc_edge.models import default_model
+    from emloc_edge.models.loading import load_model
+
+    with real_work_threads():
+        folder = default_model.build_default_model(tmp_path_factory.mktemp("home") / "emloc-tiny-vlm")
+        return load_model(folder)
+
+
+@pytest.fixture(scope="session")
+def default_vlm_export(default_vlm, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded model exported once per session with export's defaults (int8 weights, validated),
+    as `run` and the quickstart use it."""
+    from real_parts import real_work_threads
+
+    from emloc_edge.export.api import export_model
+
+    out = tmp_path_factory.mktemp("default_export") / "emloc-tiny-vlm"
+    with real_work_threads():
+        export_model(default_vlm, out)
+    return out

@@ -7,17 +7,23 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from test_compile import make_demos
 
 from emloc_edge.cli import main
+from emloc_edge.compile.compressor import CompileOptions, Compressor
 from emloc_edge.errors import ModelLoadError
-from emloc_edge.export.api import EMBED_SCALE_FILE, export_model, quantize_export, save_embeddings
+from emloc_edge.export.api import (
+    EMBED_SCALE_FILE,
+    export_model,
+    quantize_export,
+    save_embeddings,
+)
 from emloc_edge.models.loading import load_model
 from emloc_edge.runtime.embeddings import EmbeddingTable, load_embeddings
 from emloc_edge.runtime.session import EdgeSession
-from test_compile import make_demos
-from emloc_edge.compile.compressor import CompileOptions, Compressor
 
 STEPS = ["tracing decoder_step", "tracing decoder_step_q8", "validating the fp32 traces against PyTorch",
          "quantizing decoder weights to int8", "writing embeddings and tokenizer"]
@@ -59,7 +65,7 @@ def test_int8_export_answers_like_fp32_export(llama_exports):
 
 
 def test_quantize_export_writes_the_int8_table(llama_exports, tmp_path):
-    _, manifest, _, tmp = llama_exports
+    tmp = llama_exports[3]
     quantized = quantize_export(tmp / "fp32", tmp_path / "q", "int8")
     assert quantized["embed_tokens_scale"] == EMBED_SCALE_FILE and "validation_max_scaled_diff" not in quantized
     for name in ("embed_tokens.npy", EMBED_SCALE_FILE):
