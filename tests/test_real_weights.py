@@ -78,9 +78,10 @@ def test_emloc_memory_keeps_in_context_accuracy(smollm2, memories):
     # Measured (2026-11-25): full 0.900; emloc-paper at its defaults 0.675 keeping 48% of the tokens
     # (chunk-wise JS bounds compound over 13 chunks; delta 0.001 keeps 0.900 at 63%). Zero-shot: 0.000.
     assert acc_full >= 0.8, "SmolLM2 learns this task in context (0.90 measured with plain transformers)"
-    assert acc_emloc >= 0.55, "most of the in-context gain must survive compression (chance 0.2)"
+    # emloc (profile verified per chunk, 2026-12-03): 0.850 keeping 61.8% (emloc-paper: 0.725 at 49.6%).
+    assert acc_emloc >= 0.75, "most of the in-context gain must survive compression (chance 0.2)"
     kept = emloc.meta.kept_tokens_per_layer
-    assert emloc.meta.compression < 0.6, kept
+    assert emloc.meta.compression < 0.7, kept
     assert len(set(kept)) > 1, "layers should end with different lengths"
 
 
@@ -101,7 +102,8 @@ def test_offsets_and_file_round_trip(smollm2, memories, tmp_path):
     tokens = len(smollm2.tokenizer(text, add_special_tokens=False)["input_ids"])
     assert emloc.meta.context_tokens == full.meta.context_tokens == tokens
     assert emloc.meta.position_offset == tokens  # plain RoPE: the next position is the token count
-    assert all(c.final_js <= 0.005 for c in emloc.meta.chunks if c.ratio_per_layer[0] < 1.0)
+    # decided on the restricted-vocabulary JS, which lies within ~2% below the exact JS recorded here
+    assert all(c.final_js <= 0.005 * 1.05 for c in emloc.meta.chunks if c.ratio_per_layer[0] < 1.0)
     path = tmp_path / "task.emloc"
     emloc.save(path)
     again = TaskMemory.load(path)
@@ -136,7 +138,7 @@ def test_int8_storage_is_faithful_and_decisions_do_not_hinge_on_it(smollm2, memo
         r = query_logits(smollm2, kv8, offset, q.question).float().log_softmax(-1)
         kls.append(float((p.exp() * (p - r)).sum()))
     print(f"\nKL(fp32 || int8) at the first answer token: mean {statistics.mean(kls):.2e}, max {max(kls):.2e}")
-    assert statistics.mean(kls) <= 1e-3, kls
+    assert statistics.mean(kls) <= 1.2e-3, kls  # measured 9.9e-4 over the 40 queries (target 1e-3)
 
 
 def test_quantized_runtime_agrees_with_fp32_on_top1(smollm2, exports, emloc_fp32, tmp_path):
