@@ -147,3 +147,23 @@ def default_vlm_export(default_vlm, tmp_path_factory: pytest.TempPathFactory) ->
     with real_work_threads():
         export_model(default_vlm, out)
     return out
+
+
+# --- eval (test_eval.py, test_eval_cli.py) ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def eval_home(tmp_path_factory):
+    """Exports are cached under $EMLOC_EDGE_HOME: one per module, never in the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        home = tmp_path_factory.mktemp("eval-home")
+        patch.setenv("EMLOC_EDGE_HOME", str(home))
+        yield home
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> tuple[Path, Path]:
+    """A text task: 8 demos and 4 test items (folders laid out as demos.jsonl)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "cli"))
+    from support import text_rows, write_jsonl
+
+    base = tmp_path_factory.mktemp("eval")
+    return write_jsonl(base / "demos", text_rows(8)), write_jsonl(base / "test", text_rows(4, seed=3))

@@ -9,7 +9,6 @@ in test_eval_cli.py.
 from __future__ import annotations
 
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cli"))
-from support import text_rows, write_jsonl  # noqa: E402
+from support import text_rows  # noqa: E402
 
 from emloc_edge.compile.compressor import CompileOptions  # noqa: E402
 from emloc_edge.compile.demos import Demo, load_demos  # noqa: E402
@@ -31,21 +30,8 @@ MAIN = CompileOptions().policy
 
 
 @pytest.fixture(scope="module", autouse=True)
-def eval_home(tmp_path_factory):
-    """Exports are cached under $EMLOC_EDGE_HOME: one per module, never in the user's cache."""
-    home, before = tmp_path_factory.mktemp("eval-home"), os.environ.get("EMLOC_EDGE_HOME")
-    os.environ["EMLOC_EDGE_HOME"] = str(home)
-    yield home
-    if before is None:
-        os.environ.pop("EMLOC_EDGE_HOME", None)
-    else:
-        os.environ["EMLOC_EDGE_HOME"] = before
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> tuple[Path, Path]:
-    base = tmp_path_factory.mktemp("eval")
-    return write_jsonl(base / "demos", text_rows(8)), write_jsonl(base / "test", text_rows(4, seed=3))
+def _isolated_home(eval_home):  # conftest.py: exports cached under a per-module $EMLOC_EDGE_HOME
+    return eval_home
 
 
 @pytest.fixture(scope="module")

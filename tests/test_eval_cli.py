@@ -1,14 +1,13 @@
 """`emloc-edge eval`: flags, outputs and bad inputs (the API is tested in test_eval.py)."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cli"))
-from support import assert_bad_input, cli, strict_json, text_rows, write_jsonl  # noqa: E402
+from support import assert_bad_input, cli, strict_json, write_jsonl  # noqa: E402
 
 from emloc_edge.compile.compressor import CompileOptions  # noqa: E402
 
@@ -24,20 +23,8 @@ REPORT_FIELDS = {"model", "demos", "test_items", "context_tokens", "distinct_ans
 
 
 @pytest.fixture(scope="module", autouse=True)
-def eval_home(tmp_path_factory):
-    home, before = tmp_path_factory.mktemp("eval-cli-home"), os.environ.get("EMLOC_EDGE_HOME")
-    os.environ["EMLOC_EDGE_HOME"] = str(home)
-    yield home
-    if before is None:
-        os.environ.pop("EMLOC_EDGE_HOME", None)
-    else:
-        os.environ["EMLOC_EDGE_HOME"] = before
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> tuple[Path, Path]:
-    base = tmp_path_factory.mktemp("eval")
-    return write_jsonl(base / "demos", text_rows(8)), write_jsonl(base / "test", text_rows(4, seed=3))
+def _isolated_home(eval_home):  # conftest.py: exports cached under a per-module $EMLOC_EDGE_HOME
+    return eval_home
 
 
 def test_cli_writes_json_and_plot_and_honours_limit_and_conditions(folders, llama_dir: Path, tmp_path: Path):
