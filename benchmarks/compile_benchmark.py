@@ -142,6 +142,7 @@ def main() -> None:
     ap.add_argument("--precisions", default="int8,fp32")
     ap.add_argument("--chunk-size", type=int, default=4)
     ap.add_argument("--delta", type=float, default=0.005)
+    ap.add_argument("--deltas", default=None, help="comma list: every policy at each of these deltas (a sweep)")
     ap.add_argument("--ratios", default="0.1,0.2,0.5")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -174,10 +175,11 @@ def main() -> None:
         print(f"{k:<22}  {v}", flush=True)
 
     rows = []
-    for policy in args.policies.split(","):
+    deltas = [float(d) for d in args.deltas.split(",")] if args.deltas else [args.delta]
+    for policy, delta in ((p, d) for p in args.policies.split(",") for d in deltas):
         compiled = {}
         for precision in args.precisions.split(","):
-            options = options_for(policy, delta=args.delta, ratios=ratios, chunk_size=args.chunk_size,
+            options = options_for(policy, delta=delta, ratios=ratios, chunk_size=args.chunk_size,
                                   precision=precision)
             compressor = Compressor(adapter, options)
             start = time.perf_counter()
@@ -188,7 +190,7 @@ def main() -> None:
             acc, logs = scorer.run(memory)
             s = compressor.stats
             row = {
-                "policy": policy, "precision": precision, "compile_s": round(compile_s, 1),
+                "policy": policy, "delta": delta, "precision": precision, "compile_s": round(compile_s, 1),
                 "compile_over_prefill": round(compile_s / prefill_s, 1),
                 "trials_requested": s.requested, "trials_run": s.run, "trials_restricted": s.restricted,
                 "trials_full_head": s.full_heads, "kept_fraction": round(memory.meta.compression, 4),
