@@ -44,7 +44,8 @@ from emloc_edge.models.loading import load_model
 @dataclass
 class VariantOptions(CompileOptions):
     """A policy with some of its judging settings changed: "emloc+next" calibrates on the next chunk's
-    demos, "+content" forces only the answers' own tokens, "+exact" decides on the whole LM head."""
+    demos ("+own": on its own), "+content" forces only the answers' own tokens ("+answer": the whole
+    answer span), "+exact" decides on the whole LM head, "+stored" judges candidates as stored."""
 
     variant: tuple[str, ...] = ()
 
@@ -52,6 +53,7 @@ class VariantOptions(CompileOptions):
         policy = super().make_policy()
         for v in self.variant:
             setattr(policy, *{"next": ("calibration", "next"), "content": ("forces", "content"),
+                              "own": ("calibration", "own"), "answer": ("forces", "answer"),
                               "exact": ("exact_js", True), "stored": ("judges_stored", True)}[v])
         return policy
 

@@ -125,9 +125,11 @@ def _answer_token_indices(adapter, demos: list[Demo], chunk_size: int) -> set[in
 
 
 def test_answer_tokens_survive_in_every_layer_and_head(adapters, tmp_path):
+    """emloc-paper forces the whole answer span (the default policy only its content tokens:
+    test_compile_search.py)."""
     family, adapter = adapters
     demos = make_demos(family, 6, tmp_path, long=True)
-    memory = _compile(adapter, demos, delta=math.inf, chunk_size=3, precision="fp32")
+    memory = _compile(adapter, demos, delta=math.inf, chunk_size=3, precision="fp32", policy="emloc-paper")
     answers = _answer_token_indices(adapter, demos, 3)
     assert len(answers) == 6 * 3
     for layer in memory.layers:
@@ -169,9 +171,12 @@ def test_append_keeps_old_memory_and_equals_one_compile(adapters, tmp_path, poli
         assert np.array_equal(layer.key_t[..., :n], old.key_t)
         assert np.array_equal(layer.value[:, :n], old.value)
         assert np.array_equal(layer.token_index[:, :n], old.token_index)
-    if policy == "emloc" and precision == "int8":
-        # emloc decides in fp32 and conditions later chunks on fp32 K/V, which an int8 file no longer
-        # holds: an append conditions on the dequantized memory, so only the old chunks are identical.
+    made = CompileOptions(**opts).make_policy()
+    if made.calibration == "next" or (not made.judges_stored and precision == "int8"):
+        # A policy calibrating a chunk on the next chunk's demos saw, compiled alone, no next chunk for
+        # A's last one (it took the previous chunk's). One that decides in fp32 conditions later chunks
+        # on fp32 K/V, which an int8 file no longer holds: an append conditions on the dequantized
+        # memory. Either way only the old chunks are identical.
         return
     # compile(A + B) == compile(A) then append(B) with the same chunking
     for a, b in zip(whole.layers, grown.layers):
@@ -181,18 +186,23 @@ def test_append_keeps_old_memory_and_equals_one_compile(adapters, tmp_path, poli
 
 
 def test_js_recomputed_after_each_chunk_is_within_delta(adapters, tmp_path):
-    """Rebuild each chunk's teacher (previous memory + unpruned chunk) from scratch and re-measure."""
+    """Rebuild each chunk's teacher (previous memory + unpruned chunk) from scratch and re-measure, on
+    the calibration rows the policy asks for (the default: the next chunk's demos)."""
+    from emloc_edge.compile.compressor import _calibration
+
     family, adapter = adapters
     delta, size = 0.005, 3
     demos = make_demos(family, 6, tmp_path, long=True)
     memory = _compile(adapter, demos, delta=delta, chunk_size=size, precision="fp32")
     compressor = Compressor(adapter, CompileOptions(chunk_size=size))
+    which = CompileOptions().make_policy().calibration
+    rendered = [compressor._render_chunk(demos[k : k + size], with_system=k == 0) for k in range(0, len(demos), size)]
     decoder = RaggedDecoder(adapter)
     kv = memory_kv(memory)
     offset, start = 0, [0] * adapter.geometry.num_layers
     for k, record in enumerate(memory.meta.chunks):
-        seq, calib_seqs, _ = compressor._render_chunk(demos[k * size : (k + 1) * size], with_system=k == 0)
-        chunk, calib = adapter.embed([seq]), adapter.embed(calib_seqs)
+        seq = rendered[k][0]
+        chunk, calib = adapter.embed([seq]), adapter.embed(_calibration(rendered, k, which))
         end = [s + n for s, n in zip(start, record.kept_per_layer)]
         old = [LayerKV(m.key[:, :s], m.value[:, :s]) for m, s in zip(kv, start)]
         pruned = [LayerKV(m.key[:, :e], m.value[:, :e]) for m, e in zip(kv, end)]

@@ -75,6 +75,19 @@ def _naive_greedy(search: ChunkSearch, delta: float, ratios) -> list[int]:
     return counts[::-1]
 
 
+class _PaperJudgedLike(CompileOptions):
+    """emloc-paper's search, with the calibration rows and forced tokens of another policy."""
+
+    def __init__(self, like, **options) -> None:
+        super().__init__(**options)
+        self.like = like
+
+    def make_policy(self):
+        policy = super().make_policy()
+        policy.calibration, policy.forces = self.like.calibration, self.like.forces
+        return policy
+
+
 @pytest.mark.parametrize("delta", [0.0005, 0.005, 0.05])
 def test_search_reaches_the_naive_searchs_decisions(llama, tmp_path, delta):
     """emloc-paper (candidates deduplicated) keeps what a naive search keeps; so does the first chunk of
@@ -85,8 +98,10 @@ def test_search_reaches_the_naive_searchs_decisions(llama, tmp_path, delta):
     offset = 0
     paper, _ = _compile(llama, demos, delta=delta, chunk_size=3, precision="fp32", policy="emloc-paper")
     ours, _ = _compile(llama, demos, delta=delta, chunk_size=3, precision="fp32", policy="emloc")
-    margin = CompileOptions(policy="emloc").make_policy().search_margin
-    headroom, _ = _compile(llama, demos[:3], delta=delta * margin, chunk_size=3, precision="fp32", policy="emloc-paper")
+    emloc = CompileOptions(policy="emloc").make_policy()
+    headroom = _PaperJudgedLike(emloc, delta=delta * emloc.search_margin, chunk_size=3, precision="fp32",
+                                policy="emloc-paper")
+    headroom = Compressor(llama, headroom).compile(demos)
     # naive search on chunk 0 from the empty memory, and on chunk 1 from the paper's own chunk-0 memory
     kv = memory_kv(paper)
     start = [0] * llama.geometry.num_layers
@@ -193,3 +208,30 @@ def test_greedy_top_down_returns_what_it_settled():
     fake = Fake()
     assert greedy_top_down(fake, 0.005, (0.1, 0.2, 0.5)) == [0.5, 1.0, 0.1]
     assert fake.settled == {2: 10, 1: 100, 0: 50}
+
+
+def test_content_forcing_keeps_only_the_answers_own_tokens(llama, tmp_path):
+    """forces = "content" (a judging setting policies may take; compile_benchmark's "+content"), at
+    delta = inf: every layer at its floor, which is the answers' content tokens (the turn's opening
+    newline and end-of-turn are scored, not forced), and every layer keeps all of them in every head."""
+    from emloc_edge.compile.scoring import content_tokens
+
+    class ContentForced(CompileOptions):
+        def make_policy(self):
+            policy = super().make_policy()
+            policy.forces = "content"
+            return policy
+
+    demos = make_demos("llama", 4, tmp_path)  # short questions: the floor is above 0.1 of the chunk
+    compressor = Compressor(llama, ContentForced(delta=math.inf, chunk_size=4, precision="fp32"))
+    memory = compressor.compile(demos)
+    seq, _, _ = compressor._render_chunk(demos, with_system=True)
+    answer = torch.tensor(seq.answer_mask)
+    content = content_tokens(answer)
+    assert 0 < int(content.sum()) < int(answer.sum())
+    floor = max(int(0.1 * len(seq.input_ids)), int(content.sum()))
+    assert memory.meta.chunks[0].kept_per_layer == [floor] * llama.geometry.num_layers
+    must_keep = set(torch.nonzero(content).flatten().tolist())
+    for layer in memory.layers:
+        for head in layer.token_index:
+            assert must_keep <= set(head.tolist())

@@ -56,12 +56,19 @@ def test_default_export_is_int8_validated_with_steps_reported(llama_exports):
     assert np.all(np.abs(table[np.arange(len(table))] - fp32) <= _error_bound(fp32, np.load(tmp / "int8" / EMBED_SCALE_FILE)))
 
 
-def test_int8_export_answers_like_fp32_export(llama_exports):
-    """Quantized weights and embeddings change logits a little; on the tiny model the greedy tokens agree."""
+@pytest.mark.parametrize("question", ["which bin?", "which bin for the red item?", "bin?"])
+def test_int8_export_answers_like_fp32_export(llama_exports, question):
+    """Quantized weights and embeddings change the logits a little (a random model's top tokens can be
+    near-tied, so the bound is on the logits): within 5% of their spread, and the greedy token agrees
+    wherever fp32's top-1 margin exceeds twice the largest change."""
     _, _, _, tmp = llama_exports
-    answers = {w: EdgeSession(tmp / w, tmp / "task.emloc", provider="cpu", max_new_tokens=4).answer(None, "which bin?")
-               for w in ("fp32", "int8")}
-    assert answers["int8"].token_ids[:1] == answers["fp32"].token_ids[:1]
+    logits = {w: EdgeSession(tmp / w, tmp / "task.emloc", provider="cpu").continuation_logits(None, question, [])[0]
+              for w in ("fp32", "int8")}
+    change = float(np.abs(logits["int8"] - logits["fp32"]).max())
+    assert change <= 0.05 * float(np.ptp(logits["fp32"]))
+    top2 = np.sort(logits["fp32"])[-2:]
+    if top2[1] - top2[0] > 2 * change:
+        assert int(logits["int8"].argmax()) == int(logits["fp32"].argmax())
 
 
 def test_quantize_export_writes_the_int8_table(llama_exports, tmp_path):
