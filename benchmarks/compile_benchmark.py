@@ -45,7 +45,8 @@ from emloc_edge.models.loading import load_model
 class VariantOptions(CompileOptions):
     """A policy with some of its judging settings changed: "emloc+next" calibrates on the next chunk's
     demos ("+own": on its own), "+content" forces only the answers' own tokens ("+answer": the whole
-    answer span), "+exact" decides on the whole LM head, "+stored" judges candidates as stored."""
+    answer span), "+exact" decides on the whole LM head, "+stored" judges candidates as stored ("+computed": as
+    computed, fp32, and stored after)."""
 
     variant: tuple[str, ...] = ()
 
@@ -54,7 +55,8 @@ class VariantOptions(CompileOptions):
         for v in self.variant:
             setattr(policy, *{"next": ("calibration", "next"), "content": ("forces", "content"),
                               "own": ("calibration", "own"), "answer": ("forces", "answer"),
-                              "exact": ("exact_js", True), "stored": ("judges_stored", True)}[v])
+                              "exact": ("exact_js", True), "stored": ("judges_stored", True),
+                              "computed": ("judges_stored", False)}[v])
         return policy
 
 
