@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import BadInputError, EmlocError
 from .config import ServeConfig
 from .errors import APIError, AuthError, PayloadTooLargeError, UnsupportedMediaError, api_error
-from .protocol import Completion, Query, chunk_body, completion_body, parse_request
+from .protocol import Completion, Query, StreamEnd, chunk_body, completion_body, parse_request
 from .registry import MemoryRegistry
 
 log = logging.getLogger("emloc_edge.serve")
@@ -89,10 +89,13 @@ def create_app(backend: Backend, config: ServeConfig) -> FastAPI:
 async def _sse(query: Query, pieces):
     created = int(time.time())
     yield _event(chunk_body(query, created, {"role": "assistant", "content": ""}))
+    finish = "stop"
     async for piece in pieces:
-        if piece:
+        if isinstance(piece, StreamEnd):
+            finish = piece.finish_reason
+        elif piece:
             yield _event(chunk_body(query, created, {"content": piece}))
-    yield _event(chunk_body(query, created, {}, "stop"))
+    yield _event(chunk_body(query, created, {}, finish))
     yield "data: [DONE]\n\n"
 
 

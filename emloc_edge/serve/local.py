@@ -13,9 +13,10 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from ..runtime.model import EdgeModel
 from ..runtime.session import MemorySession
+from ..runtime.textstream import stream_text
 from .config import ServeConfig
 from .errors import TimeoutError_
-from .protocol import Completion, Query
+from .protocol import Completion, Query, StreamEnd, finish_reason
 from .registry import MemoryRegistry
 
 
@@ -68,15 +69,26 @@ class LocalBackend:
             if time.monotonic() > deadline:
                 raise TimeoutError_(f"request took over {self.config.request_timeout_s:g} s")
         text = session.tokenizer.decode(ids, skip_special_tokens=True).strip()  # as MemorySession.answer
-        return Completion(text, ids, int(inputs.embeds.shape[1]), "length" if len(ids) >= query.max_tokens else "stop")
+        return Completion(text, ids, int(inputs.embeds.shape[1]), finish_reason(len(ids), query.max_tokens))
 
-    def _pieces(self, query: Query, session: MemorySession | None) -> Iterator[str]:
+    def _pieces(self, query: Query, session: MemorySession | None) -> Iterator[str | StreamEnd]:
+        """The answer's text pieces (as MemorySession.stream), then a StreamEnd with the finish reason."""
         deadline = time.monotonic() + self.config.request_timeout_s
         session = session or self.session(query.name)
-        for piece in session.stream(query.image, query.question, query.max_tokens):
+        inputs = session.query(query.image, query.question)
+        generated: list[int] = []
+
+        def tokens() -> Iterator[int]:
+            for token in session.tokens(inputs, query.max_tokens):
+                generated.append(token)
+                yield token
+
+        decode = lambda ids: session.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        for piece in stream_text(decode, tokens()):
             yield piece
             if time.monotonic() > deadline:
                 return
+        yield StreamEnd(finish_reason(len(generated), query.max_tokens))
 
     async def _rest(self, first: str | None, pieces: Iterator[str]) -> AsyncIterator[str]:
         try:

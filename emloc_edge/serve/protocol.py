@@ -102,6 +102,18 @@ class Completion:
     finish_reason: str  # "stop" | "length"
 
 
+@dataclass(frozen=True)
+class StreamEnd:
+    """The last item of a backend's stream of text pieces: why generation stopped."""
+
+    finish_reason: str  # "stop" | "length"
+
+
+def finish_reason(generated: int, max_tokens: int) -> str:
+    """"length" when generation was cut at max_tokens, else "stop" (an end-of-turn token)."""
+    return "length" if generated >= max_tokens else "stop"
+
+
 def completion_body(query: Query, done: Completion) -> dict:
     return {
         "id": f"chatcmpl-{query.request_id}", "object": "chat.completion", "created": int(time.time()),

@@ -53,6 +53,24 @@ def test_sse_reassembles_to_the_answer(served):
             assert {c["id"] for c in chunks} == {chunks[0]["id"]} and chunks[0]["model"] == name
 
 
+def test_streamed_finish_reason_is_the_completions(served):
+    """A stream ends with the finish reason the plain completion reports: "length" when cut at max_tokens."""
+    task, url, _ = served
+    seen = set()
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for max_tokens in (1, MAX):
+            for name, image, question in task.queries:
+                plain = client.post("/v1/chat/completions", json=body(name, question, image, max_tokens)).json()
+                with client.stream("POST", "/v1/chat/completions",
+                                   json=body(name, question, image, max_tokens, stream=True)) as r:
+                    _, chunks = sse_pieces(r)
+                reason = plain["choices"][0]["finish_reason"]
+                assert chunks[-1]["choices"][0]["finish_reason"] == reason, (name, question, max_tokens)
+                assert reason == ("length" if len(plain["choices"][0]["token_ids"]) >= max_tokens else "stop")
+                seen.add(reason)
+    assert "length" in seen, "a cut answer must occur, or this test checks nothing"
+
+
 def test_openai_client_works_unchanged(served):
     from openai import OpenAI
 
