@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generator, Iterator
+from typing import Generator, Iterable, Iterator
 
 import numpy as np
 
@@ -65,8 +65,15 @@ class MemorySession:
     def stream(self, image: ImageInput = None, question: str | None = None,
                max_new_tokens: int | None = None) -> Iterator[str]:
         """Yield the answer text piece by piece as tokens are generated; the pieces join to `answer().text`."""
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        yield from stream_text(decode, self._generate(self._inputs(image, question), max_new_tokens))
+        yield from self.text_pieces(self._generate(self._inputs(image, question), max_new_tokens))
+
+    def text(self, token_ids: list[int]) -> str:
+        """The answer text of generated token ids (what `answer().text` holds)."""
+        return self._detokenize(token_ids).strip()
+
+    def text_pieces(self, token_ids: Iterable[int]) -> Iterator[str]:
+        """Text pieces of a stream of generated token ids, as they come; they join to `text(all ids)`."""
+        return stream_text(self._detokenize, token_ids)
 
     def answer(self, image: ImageInput = None, question: str | None = None,
                max_new_tokens: int | None = None) -> Answer:
@@ -80,7 +87,7 @@ class MemorySession:
         end = time.perf_counter()
         first = first or end
         rate = (len(ids) - 1) / (end - first) if len(ids) > 1 and end > first else 0.0
-        return Answer(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids,
+        return Answer(self.text(ids), ids,
                       ttft_ms=1000 * (first - start), tokens_per_s=rate,
                       image=str(image) if isinstance(image, (str, Path)) else None)
 
@@ -95,6 +102,9 @@ class MemorySession:
     # --- decoding ---------------------------------------------------------------------------------
     def _inputs(self, image, question) -> QueryInputs:
         return render_query(self, image, question)
+
+    def _detokenize(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def continuation_logits(self, image: str | Path | None, question: str | None, token_ids: list[int]) -> np.ndarray:
         """Next-token logits after the query and after each of `token_ids` fed in turn: [len + 1, vocab]."""

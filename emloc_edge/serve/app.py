@@ -33,7 +33,7 @@ class Backend(Protocol):
     registry: MemoryRegistry
 
     async def complete(self, query: Query) -> Completion: ...
-    async def stream(self, query: Query): ...  # -> AsyncIterator[str], first piece already made
+    async def stream(self, query: Query): ...  # -> AsyncIterator[str | StreamEnd], first piece already made
     def health(self) -> dict: ...
 
 

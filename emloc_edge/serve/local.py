@@ -13,7 +13,6 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from ..runtime.model import EdgeModel
 from ..runtime.session import MemorySession
-from ..runtime.textstream import stream_text
 from .config import ServeConfig
 from .errors import TimeoutError_
 from .protocol import Completion, Query, StreamEnd, finish_reason
@@ -37,7 +36,7 @@ class LocalBackend:
         with self._tracked():
             return await run_in_threadpool(self._complete, query, session)
 
-    async def stream(self, query: Query, session: MemorySession | None = None) -> AsyncIterator[str]:
+    async def stream(self, query: Query, session: MemorySession | None = None) -> AsyncIterator[str | StreamEnd]:
         """Text pieces; the first is produced before this returns, so a bad request fails as an HTTP error
         rather than inside a started stream."""
         self._enter()
@@ -68,8 +67,8 @@ class LocalBackend:
             ids.append(token)
             if time.monotonic() > deadline:
                 raise TimeoutError_(f"request took over {self.config.request_timeout_s:g} s")
-        text = session.tokenizer.decode(ids, skip_special_tokens=True).strip()  # as MemorySession.answer
-        return Completion(text, ids, int(inputs.embeds.shape[1]), finish_reason(len(ids), query.max_tokens))
+        prompt_tokens = int(inputs.embeds.shape[1])
+        return Completion(session.text(ids), ids, prompt_tokens, finish_reason(len(ids), query.max_tokens))
 
     def _pieces(self, query: Query, session: MemorySession | None) -> Iterator[str | StreamEnd]:
         """The answer's text pieces (as MemorySession.stream), then a StreamEnd with the finish reason."""
@@ -83,14 +82,14 @@ class LocalBackend:
                 generated.append(token)
                 yield token
 
-        decode = lambda ids: session.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        for piece in stream_text(decode, tokens()):
+        for piece in session.text_pieces(tokens()):
             yield piece
             if time.monotonic() > deadline:
                 return
         yield StreamEnd(finish_reason(len(generated), query.max_tokens))
 
-    async def _rest(self, first: str | None, pieces: Iterator[str]) -> AsyncIterator[str]:
+    async def _rest(self, first: str | StreamEnd | None,
+                    pieces: Iterator[str | StreamEnd]) -> AsyncIterator[str | StreamEnd]:
         try:
             if first is None:
                 return
