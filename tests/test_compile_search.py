@@ -4,6 +4,7 @@ the restricted-vocabulary JS bracket, and the device option."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -75,16 +76,16 @@ def _naive_greedy(search: ChunkSearch, delta: float, ratios) -> list[int]:
     return counts[::-1]
 
 
-class _PaperJudgedLike(CompileOptions):
-    """emloc-paper's search, with the calibration rows and forced tokens of another policy."""
+@dataclass
+class _Judged(CompileOptions):
+    """A policy with some judging settings changed (calibration rows, forced tokens, ...)."""
 
-    def __init__(self, like, **options) -> None:
-        super().__init__(**options)
-        self.like = like
+    judging: dict = field(default_factory=dict)
 
     def make_policy(self):
         policy = super().make_policy()
-        policy.calibration, policy.forces = self.like.calibration, self.like.forces
+        for name, value in self.judging.items():
+            setattr(policy, name, value)
         return policy
 
 
@@ -99,8 +100,8 @@ def test_search_reaches_the_naive_searchs_decisions(llama, tmp_path, delta):
     paper, _ = _compile(llama, demos, delta=delta, chunk_size=3, precision="fp32", policy="emloc-paper")
     ours, _ = _compile(llama, demos, delta=delta, chunk_size=3, precision="fp32", policy="emloc")
     emloc = CompileOptions(policy="emloc").make_policy()
-    headroom = _PaperJudgedLike(emloc, delta=delta * emloc.search_margin, chunk_size=3, precision="fp32",
-                                policy="emloc-paper")
+    headroom = _Judged(delta=delta * emloc.search_margin, chunk_size=3, precision="fp32", policy="emloc-paper",
+                       judging={"calibration": emloc.calibration, "forces": emloc.forces})
     headroom = Compressor(llama, headroom).compile(demos)
     # naive search on chunk 0 from the empty memory, and on chunk 1 from the paper's own chunk-0 memory
     kv = memory_kv(paper)
@@ -216,14 +217,8 @@ def test_content_forcing_keeps_only_the_answers_own_tokens(llama, tmp_path):
     newline and end-of-turn are scored, not forced), and every layer keeps all of them in every head."""
     from emloc_edge.compile.scoring import content_tokens
 
-    class ContentForced(CompileOptions):
-        def make_policy(self):
-            policy = super().make_policy()
-            policy.forces = "content"
-            return policy
-
     demos = make_demos("llama", 4, tmp_path)  # short questions: the floor is above 0.1 of the chunk
-    compressor = Compressor(llama, ContentForced(delta=math.inf, chunk_size=4, precision="fp32"))
+    compressor = Compressor(llama, _Judged(delta=math.inf, chunk_size=4, precision="fp32", judging={"forces": "content"}))
     memory = compressor.compile(demos)
     seq, _, _ = compressor._render_chunk(demos, with_system=True)
     answer = torch.tensor(seq.answer_mask)
