@@ -45,16 +45,19 @@ from emloc_edge.models.loading import load_model
 class VariantOptions(CompileOptions):
     """A policy with some of its judging settings changed: "emloc+next" calibrates on the next chunk's
     demos ("+own": on its own), "+content" forces only the answers' own tokens ("+answer": the whole
-    answer span), "+exact" decides on the whole LM head, "+stored" judges candidates as stored ("+computed": as
-    computed, fp32, and stored after)."""
+    answer span; "+end": the answer's tokens and its end-of-turn), "+exact" decides on the whole LM head, "+stored" judges candidates as stored ("+computed": as
+    computed, fp32, and stored after), "+w3" takes the profile as the median of the last 3 searches."""
 
     variant: tuple[str, ...] = ()
 
     def make_policy(self):
         policy = super().make_policy()
         for v in self.variant:
+            if v[:1] == "w" and v[1:].isdigit():  # "+w3": the profile is the median of the last 3 searches
+                policy.profile_window = int(v[1:])
+                continue
             setattr(policy, *{"next": ("calibration", "next"), "content": ("forces", "content"),
-                              "own": ("calibration", "own"), "answer": ("forces", "answer"),
+                              "own": ("calibration", "own"), "answer": ("forces", "answer"), "end": ("forces", "answer+end"),
                               "exact": ("exact_js", True), "stored": ("judges_stored", True),
                               "computed": ("judges_stored", False)}[v])
         return policy

@@ -14,7 +14,7 @@ from emloc_edge.compile.api import compile_memory
 from emloc_edge.compile.chunk import ChunkSearch
 from emloc_edge.compile.compressor import CompileOptions, Compressor
 from emloc_edge.compile.divergence import js_divergence
-from emloc_edge.compile.policy import POLICIES, GreedyTopDown, greedy_top_down
+from emloc_edge.compile.policy import POLICIES, GreedyTopDown, ProfileVerified, greedy_top_down
 from emloc_edge.compile.restricted_js import RestrictedHead, full_js
 from emloc_edge.errors import BadInputError
 from emloc_edge.memory import with_precision
@@ -126,6 +126,28 @@ def test_profile_policy_verifies_later_chunks_in_one_trial(llama, tmp_path):
     assert all(c.ratio_per_layer == [0.1] * layers for c in memory.meta.chunks)
 
 
+def test_profile_window_searches_the_first_chunks_then_verifies(llama, tmp_path):
+    """profile_window 2, delta = inf: chunks 0 and 1 are searched (one trial a layer), chunks 2, 3 verified."""
+    demos = make_demos("llama", 12, tmp_path, long=True)
+    compressor = Compressor(llama, _Judged(delta=math.inf, chunk_size=3, precision="fp32", policy="emloc",
+                                           judging={"profile_window": 2}))
+    memory = compressor.compile(demos)
+    layers = llama.geometry.num_layers
+    assert compressor.stats.requested == 2 * layers + 2
+    assert all(c.ratio_per_layer == [0.1] * layers for c in memory.meta.chunks)
+
+
+def test_profile_is_the_per_layer_median_of_the_last_searches():
+    policy = ProfileVerified(profile_window=3)
+    policy.searched = [[0.1, 1.0, 0.5], [0.5, 0.2, 0.5]]
+    assert policy.profile is None  # fewer searches than the window: every chunk is searched
+    policy.searched.append([0.2, 0.1, 1.0])
+    assert policy.profile == [0.2, 0.2, 0.5]
+    policy.resume([[0.1, 0.1, 0.1]] * 2 + [[0.5, 0.5, 0.5]] * 2)  # appending: the last `window` chunks
+    assert policy.searched == [[0.1, 0.1, 0.1], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]
+    assert ProfileVerified(profile_window=2, searched=[[0.1], [0.5]]).profile == [0.5]  # even: the larger
+
+
 def test_profile_policy_chunks_stay_within_delta(llama, tmp_path):
     demos = make_demos("llama", 9, tmp_path, long=True)
     memory, _ = _compile(llama, demos, delta=0.005, chunk_size=3, precision="fp32", policy="emloc")
@@ -211,19 +233,23 @@ def test_greedy_top_down_returns_what_it_settled():
     assert fake.settled == {2: 10, 1: 100, 0: 50}
 
 
-def test_content_forcing_keeps_only_the_answers_own_tokens(llama, tmp_path):
-    """forces = "content" (a judging setting policies may take; compile_benchmark's "+content"), at
-    delta = inf: every layer at its floor, which is the answers' content tokens (the turn's opening
-    newline and end-of-turn are scored, not forced), and every layer keeps all of them in every head."""
-    from emloc_edge.compile.scoring import content_tokens
+@pytest.mark.parametrize("forces", ["content", "answer+end"])
+def test_partial_forcing_keeps_exactly_the_forced_tokens(llama, tmp_path, forces):
+    """forces = "content" / "answer+end" (judging settings policies may take; compile_benchmark's
+    "+content", "+end"), at delta = inf: every layer at its floor, which is the forced tokens (the
+    turn's opening newline, and for "content" its end-of-turn, are scored, not forced), and every layer
+    keeps all of them in every head."""
+    from emloc_edge.compile.scoring import FORCED_TOKENS
 
     demos = make_demos("llama", 4, tmp_path)  # short questions: the floor is above 0.1 of the chunk
-    compressor = Compressor(llama, _Judged(delta=math.inf, chunk_size=4, precision="fp32", judging={"forces": "content"}))
+    compressor = Compressor(llama, _Judged(delta=math.inf, chunk_size=4, precision="fp32", judging={"forces": forces}))
     memory = compressor.compile(demos)
     seq, _, _ = compressor._render_chunk(demos, with_system=True)
     answer = torch.tensor(seq.answer_mask)
-    content = content_tokens(answer)
-    assert 0 < int(content.sum()) < int(answer.sum())
+    content = FORCED_TOKENS[forces](answer)
+    spans = int((answer & ~torch.cat([answer.new_zeros(1), answer[:-1]])).sum())  # answer spans = demos
+    dropped = {"content": 2, "answer+end": 1}[forces]  # structure tokens dropped per span
+    assert int(content.sum()) == int(answer.sum()) - dropped * spans and spans == len(demos)
     floor = max(int(0.1 * len(seq.input_ids)), int(content.sum()))
     assert memory.meta.chunks[0].kept_per_layer == [floor] * llama.geometry.num_layers
     must_keep = set(torch.nonzero(content).flatten().tolist())

@@ -18,7 +18,7 @@ from .demos import Demo
 from .device import DeviceDecoder, resolve_device, to_device
 from .query import memory_kv
 from .policy import DEFAULT_POLICY, POLICIES, LayerBudgetPolicy, make_policy, validate_ratios
-from .scoring import content_tokens
+from .scoring import FORCED_TOKENS
 
 
 @dataclass
@@ -105,7 +105,8 @@ class Compressor:
             progress.chunk(k, len(chunks), len(chunks[k]), self.adapter.geometry.num_layers)
             chunk = to_device(self.adapter.embed([chunk_seq]), dev)
             calib = to_device(self.adapter.embed(_calibration(rendered, k, policy.calibration)), dev)
-            forced = content_tokens(chunk.answer_mask[0]) if policy.forces == "content" else None
+            select = FORCED_TOKENS[policy.forces]
+            forced = select(chunk.answer_mask[0]) if select is not None else None
             result = compress_chunk(
                 self.decoder, working, chunk, calib,
                 offset, policy, judge_precision, demos=len(chunks[k]), on_settle=progress.layer, forced=forced,

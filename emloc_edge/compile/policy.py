@@ -36,7 +36,8 @@ class LayerBudgetPolicy(Protocol):
     name: ClassVar[str]
     judges_stored: bool  # candidates judged after the storage round trip (else as computed, stored after)
     calibration: str  # "own": the chunk's demos re-read; "next": the next chunk's demos (held out from it)
-    forces: str  # "answer": every answer-span token is kept; "content": only the answer's own tokens
+    forces: str  # "answer": every answer-span token is kept; "content": only the answer's own tokens;
+    # "answer+end": the answer's tokens and its end-of-turn (not the newline opening the turn)
     exact_js: bool  # decide every trial on the exact JS (else on the restricted-vocabulary lower bound)
 
     def decide(self, search: ChunkSearch) -> None: ...
@@ -98,6 +99,9 @@ class ProfileVerified:
 
     Decisions are made on the memory as computed (fp32): int8 storage is applied after deciding, so an
     int8 and an fp32 compile keep the same tokens and the rounding never tips a candidate across delta.
+    With profile_window k > 1, the first k chunks are all searched and the profile is, per layer, the
+    median ratio of the last k searches: one search's ratio for a layer flips with small changes (of
+    delta, or of the demos), and a median over several chunks does not hinge on any single one.
     Trials per chunk: 1 when the profile holds, else 1 + at most |ratios|·layers (the paper's bound).
     Every chunk ends within delta (searched at delta·search_margin, or verified at delta).
     """
@@ -110,20 +114,30 @@ class ProfileVerified:
     forces: str = "answer"
     exact_js: bool = False
     search_margin: float = 0.5
-    profile: list[float] | None = field(default=None, repr=False)
+    profile_window: int = 1  # searches the profile is the per-layer median of
+    searched: list[list[float]] = field(default_factory=list, repr=False)  # the last searches' ratios, oldest first
+
+    @property
+    def profile(self) -> list[float] | None:
+        """Per layer, the median ratio of the last `profile_window` searches (None until that many ran)."""
+        if len(self.searched) < self.profile_window:
+            return None
+        return [_median(column) for column in zip(*self.searched)]
 
     def decide(self, search: ChunkSearch) -> None:
-        if self.profile is not None and len(self.profile) == search.num_layers and self.delta >= 0:
-            counts = [search.keep_count(r) for r in self.profile]
+        profile = self.profile
+        if profile is not None and len(profile) == search.num_layers and self.delta >= 0:
+            counts = [search.keep_count(r) for r in profile]
             js = search.try_profile(counts, self.delta)
             if js <= self.delta:
                 for layer in reversed(range(search.num_layers)):
-                    search.settle(layer, counts[layer], self.profile[layer], js if self.profile[layer] < 1.0 else None)
+                    search.settle(layer, counts[layer], profile[layer], js if profile[layer] < 1.0 else None)
                 return
-        self.profile = greedy_top_down(search, self.delta * self.search_margin, self.ratios)
+        found = greedy_top_down(search, self.delta * self.search_margin, self.ratios)
+        self.searched = (self.searched + [found])[-self.profile_window:]
 
     def resume(self, ratios_per_chunk: list[list[float]]) -> None:
-        self.profile = list(ratios_per_chunk[-1]) if ratios_per_chunk else None
+        self.searched = [list(r) for r in ratios_per_chunk[-self.profile_window:]]
 
 
 @dataclass
@@ -143,6 +157,11 @@ class UniformRatio:
 
     def resume(self, ratios_per_chunk: list[list[float]]) -> None:
         pass
+
+
+def _median(values: tuple[float, ...]) -> float:
+    """The middle value (of an even count, the larger middle one: the safer, larger keep ratio)."""
+    return sorted(values)[len(values) // 2]
 
 
 def _make_uniform(delta: float, ratios: tuple[float, ...]) -> UniformRatio:

@@ -37,6 +37,19 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def content_tokens(answer: torch.Tensor) -> torch.Tensor:
     """The answer span [L] bool without each span's first and last token (the newline that opens the
     assistant turn and its end-of-turn), which carry the turn's structure rather than the answer."""
-    prev = torch.cat([answer.new_zeros(1), answer[:-1]])
-    nxt = torch.cat([answer[1:], answer.new_zeros(1)])
-    return answer & prev & nxt
+    return answer & _shifted(answer, 1) & _shifted(answer, -1)
+
+
+def answer_and_end_tokens(answer: torch.Tensor) -> torch.Tensor:
+    """The answer span [L] bool without its opening newline: the answer's tokens and its end-of-turn."""
+    return answer & _shifted(answer, 1)
+
+
+def _shifted(mask: torch.Tensor, by: int) -> torch.Tensor:
+    """mask [L] moved `by` places right (negative: left), False where it moved in from outside."""
+    pad = mask.new_zeros(abs(by))
+    return torch.cat([pad, mask[:-by]]) if by > 0 else torch.cat([mask[-by:], pad])
+
+
+# policy.forces -> the tokens every layer keeps, from the chunk's answer-span mask (None: the whole span)
+FORCED_TOKENS = {"answer": None, "content": content_tokens, "answer+end": answer_and_end_tokens}

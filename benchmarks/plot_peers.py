@@ -1,0 +1,77 @@
+"""Accuracy vs kept fraction: an `emloc-edge eval --json` report's policies beside kvpress's presses
+(`kvpress_peers.py --json`) on the same test items, one line each.
+
+    python benchmarks/plot_peers.py --eval benchmarks/results/warehouse-text-eval.json \
+        --peers benchmarks/results/kvpress-warehouse-text.json -o benchmarks/results/warehouse-text-peers.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+
+def lines_from_eval(report: dict) -> tuple[dict[str, list], dict[str, float]]:
+    """(policy line -> [(kept, accuracy)], reference name -> accuracy) of an eval report."""
+    lines, references = defaultdict(list), {}
+    for c in report["conditions"]:
+        if c["line"] is None:
+            references[c["name"]] = c["accuracy"]
+        else:
+            lines[c["line"]].append((c["kept_fraction"], c["accuracy"]))
+    return lines, references
+
+
+def lines_from_peers(peers: dict) -> tuple[dict[str, list], float | None]:
+    """(kvpress press -> [(kept, accuracy)], its own full-context accuracy)."""
+    lines, full = defaultdict(list), None
+    for row in peers["rows"]:
+        if row["press"] == "none":
+            full = row["accuracy"]
+        else:
+            lines[f"kvpress {row['press']}"].append((row["kept_fraction"], row["accuracy"]))
+    return lines, full
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--eval", required=True, type=Path, help="emloc-edge eval --json report")
+    ap.add_argument("--peers", required=True, type=Path, help="kvpress_peers.py --json result")
+    ap.add_argument("-o", "--output", required=True, type=Path)
+    ap.add_argument("--title", default=None)
+    args = ap.parse_args()
+    report, peers = json.loads(args.eval.read_text()), json.loads(args.peers.read_text())
+    ours, references = lines_from_eval(report)
+    theirs, peers_full = lines_from_peers(peers)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for name, points in sorted(ours.items()):
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", linewidth=2.2 if name.startswith("emloc-int8") else 1.4, label=name)
+    for name, points in sorted(theirs.items()):
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="s", linestyle="--", linewidth=1.0, label=name)
+    for name, acc in references.items():
+        if name == "full-context":
+            ax.axhline(acc, linestyle="-.", color="black", alpha=0.6, label=f"full context, ORT ({acc:.3f})")
+    if peers_full is not None:
+        ax.axhline(peers_full, linestyle=":", color="black", alpha=0.6, label=f"full context, HF ({peers_full:.3f})")
+    ax.set(xlabel="kept fraction of the context (mean over layers and heads)", ylabel="accuracy",
+           ylim=(-0.03, 1.03), xlim=(0.05, 0.8),
+           title=args.title or f"{report['model']}: {report['test_items']} test items, {report['demos']} demos")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.output, format="png", dpi=120)
+    plt.close(fig)
+    print(args.output)
+
+
+if __name__ == "__main__":
+    main()
