@@ -24,13 +24,17 @@ def lines_from_eval(report: dict) -> tuple[dict[str, list], dict[str, float]]:
 
 
 def lines_from_peers(peers: dict) -> tuple[dict[str, list], float | None]:
-    """(kvpress press -> [(kept, accuracy)], its own full-context accuracy)."""
+    """(kvpress press -> [(kept, accuracy)], its own full-context accuracy). Presses that mask per head
+    (AdaKV, KVzip) get a second line at their dense size: each layer's heads padded to its largest."""
     lines, full = defaultdict(list), None
     for row in peers["rows"]:
         if row["press"] == "none":
             full = row["accuracy"]
-        else:
-            lines[f"kvpress {row['press']}"].append((row["kept_fraction"], row["accuracy"]))
+            continue
+        lines[f"kvpress {row['press']}"].append((row["kept_fraction"], row["accuracy"]))
+        dense = row.get("dense_kept_fraction", row["kept_fraction"])
+        if dense > row["kept_fraction"] + 1e-3:  # per-head masks: also where a dense per-layer cache lands
+            lines[f"kvpress {row['press']}, dense size"].append((dense, row["accuracy"]))
     return lines, full
 
 
@@ -54,9 +58,14 @@ def main() -> None:
     for name, points in sorted(ours.items()):
         xs, ys = zip(*sorted(points))
         ax.plot(xs, ys, marker="o", linewidth=2.2 if name.startswith("emloc-int8") else 1.4, label=name)
+    colors = {}  # a press's dense-size line takes its press's colour
     for name, points in sorted(theirs.items()):
         xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker="s", linestyle="--", linewidth=1.0, label=name)
+        press = name.split(",")[0]
+        dense = name != press
+        line, = ax.plot(xs, ys, marker="x" if dense else "s", linestyle=":" if dense else "--", linewidth=1.0,
+                        label=name, color=colors.get(press))
+        colors[press] = line.get_color()
     for name, acc in references.items():
         if name == "full-context":
             ax.axhline(acc, linestyle="-.", color="black", alpha=0.6, label=f"full context, ORT ({acc:.3f})")
