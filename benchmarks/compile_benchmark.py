@@ -138,13 +138,28 @@ def answer_floor(compressor: Compressor, demos: list[Demo], chunk_size: int) -> 
     return forced / tokens
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_task_arguments(ap: argparse.ArgumentParser) -> None:
+    """The model, demonstrations and queries of a benchmark run (shared with kvpress_peers.py)."""
     ap.add_argument("--model", default="smollm2", help="a model path, 'smollm2' (GGUF package) or 'default'")
     ap.add_argument("--demos", required=True, type=Path)
     ap.add_argument("--queries", type=Path, help="queries.jsonl or a test folder (held-out: report only)")
     ap.add_argument("--holdout", type=int, default=0, help="validation: the last N demos are the queries")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N queries")
+
+
+def task_items(args: argparse.Namespace) -> tuple[list[Demo], list[Demo]]:
+    """(demonstrations, queries): --holdout takes the last N demos as the queries."""
+    demos = load_demos(args.demos)
+    if args.holdout:
+        demos, queries = demos[: -args.holdout], demos[-args.holdout :]
+    else:
+        queries = load_queries(args.queries)
+    return demos, queries[: args.limit] if args.limit else queries
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_task_arguments(ap)
     ap.add_argument("--policies", default="emloc-paper,emloc")
     ap.add_argument("--precisions", default="int8,fp32")
     ap.add_argument("--chunk-size", type=int, default=4)
@@ -158,12 +173,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     adapter = load_model(model_path(args.model))
-    demos = load_demos(args.demos)
-    if args.holdout:
-        demos, queries = demos[: -args.holdout], demos[-args.holdout :]
-    else:
-        queries = load_queries(args.queries)
-    queries = queries[: args.limit] if args.limit else queries
+    demos, queries = task_items(args)
     g, ratios = adapter.geometry, tuple(float(r) for r in args.ratios.split(","))
     scorer = Scorer(adapter, queries)
 

@@ -34,8 +34,7 @@ import torch
 from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.compile_benchmark import load_queries, model_path
-from emloc_edge.compile.demos import load_demos
+from benchmarks.compile_benchmark import add_task_arguments, model_path, task_items
 from emloc_edge.models.chat import Piece
 from emloc_edge.models.loading import load_model
 
@@ -128,11 +127,7 @@ def answer(adapter, model, cache: DynamicCache, context: Context, question: str,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2", help="a model path, 'smollm2' (GGUF package) or 'default'")
-    ap.add_argument("--demos", required=True, type=Path)
-    ap.add_argument("--queries", type=Path, help="queries.jsonl or a test folder")
-    ap.add_argument("--holdout", type=int, default=0, help="validation: the last N demos are the queries")
-    ap.add_argument("--limit", type=int, default=None)
+    add_task_arguments(ap)
     ap.add_argument("--presses", default="snapkv,adakv,kvzip,streaming_llm,pyramidkv")
     ap.add_argument("--kept", default="0.25,0.5", help="comma list of kept fractions (1 - compression_ratio)")
     ap.add_argument("--threads", type=int, default=2)
@@ -145,12 +140,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         adapter.tokenizer.save_pretrained(tokenizer_dir)  # KVzip reloads the tokenizer by the config's path
         model.config.name_or_path = tokenizer_dir
-        demos = load_demos(args.demos)
-        if args.holdout:
-            demos, queries = demos[: -args.holdout], demos[-args.holdout :]
-        else:
-            queries = load_queries(args.queries)
-        queries = queries[: args.limit] if args.limit else queries
+        demos, queries = task_items(args)
         context = Context(adapter, demos)
         head = {"model": adapter.name, "demos": len(demos), "queries": len(queries), "context_tokens": context.tokens,
                 "kvpress": getattr(kvpress, "__version__", "0.5.5")}
