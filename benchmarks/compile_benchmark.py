@@ -46,7 +46,7 @@ class VariantOptions(CompileOptions):
     """A policy with some of its judging settings changed: "emloc+next" calibrates on the next chunk's
     demos ("+own": on its own), "+content" forces only the answers' own tokens ("+answer": the whole
     answer span; "+end": the answer's tokens and its end-of-turn), "+exact" decides on the whole LM head, "+stored" judges candidates as stored ("+computed": as
-    computed, fp32, and stored after), "+w3" takes the profile as the median of the last 3 searches."""
+    computed, fp32, and stored after), "+all" scores tokens by every calibration token's attention (not only the answers'), "+w3" takes the profile as the median of the last 3 searches."""
 
     variant: tuple[str, ...] = ()
 
@@ -58,6 +58,7 @@ class VariantOptions(CompileOptions):
                 continue
             setattr(policy, *{"next": ("calibration", "next"), "content": ("forces", "content"),
                               "own": ("calibration", "own"), "answer": ("forces", "answer"), "end": ("forces", "answer+end"),
+                              "all": ("scores_from", "all"),
                               "exact": ("exact_js", True), "stored": ("judges_stored", True),
                               "computed": ("judges_stored", False)}[v])
         return policy

@@ -256,3 +256,20 @@ def test_partial_forcing_keeps_exactly_the_forced_tokens(llama, tmp_path, forces
     for layer in memory.layers:
         for head in layer.token_index:
             assert must_keep <= set(head.tolist())
+
+
+def test_scores_from_every_calibration_token(llama, tmp_path):
+    """scores_from = "all" (compile_benchmark's "+all"): every calibration token's attention scores the
+    chunk, not only the answers'. The kept tokens change, and the answer tokens stay forced."""
+    demos = make_demos("llama", 4, tmp_path, long=True)
+    options = dict(delta=math.inf, chunk_size=4, precision="fp32", policy="uniform", ratios=(0.3,))
+    by_answers = Compressor(llama, _Judged(**options)).compile(demos)
+    by_all = Compressor(llama, _Judged(**options, judging={"scores_from": "all"})).compile(demos)
+    assert by_all.meta.kept_tokens_per_layer == by_answers.meta.kept_tokens_per_layer
+    differ = [not np.array_equal(a.token_index, b.token_index) for a, b in zip(by_all.layers, by_answers.layers)]
+    assert any(differ), "the answers' attention and every token's rank the chunk's tokens differently"
+    seq, _, _ = Compressor(llama)._render_chunk(demos, with_system=True)
+    answers = set(np.flatnonzero(seq.answer_mask).tolist())
+    for layer in by_all.layers:
+        for head in layer.token_index:
+            assert answers <= set(head.tolist())

@@ -77,6 +77,7 @@ class ChunkSearch:
     on_settle: Callable[[], None] = lambda: None  # progress tick per settled layer
     forced: torch.Tensor | None = None  # [L] bool tokens every layer keeps (default: the chunk's answer tokens)
     exact_js: bool = True  # decide on the exact JS (the whole head); else on the restricted-vocabulary JS
+    scores_from: str = "answer"  # whose attention scores the chunk's tokens: the calibration answers', or "all" tokens'
     num_layers: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -98,7 +99,7 @@ class ChunkSearch:
         self.calib_positions = self.calib.position_ids + self.offset + self.span
         teacher = d.forward(
             self.calib.inputs_embeds, self.calib_positions, self.calib.attention_mask, full, keep_inputs=True,
-            scoring=Scoring(self.calib.answer_mask, [len(m) for m in self.memory]),
+            scoring=Scoring(self._score_queries(), [len(m) for m in self.memory]),
         )
         self.layer_inputs = teacher.layer_inputs  # h_l entering layer l: exact while layers < l are unpruned
         head = d.stack.lm_head
@@ -113,6 +114,13 @@ class ChunkSearch:
         self._outputs: dict[tuple, torch.Tensor] = {}  # trial key -> normed final hidden at answer positions
         self._exact: dict[tuple, float] = {}
         self.stats = TrialStats()
+
+    def _score_queries(self) -> torch.Tensor:
+        """[B, T] bool: calibration tokens whose attention scores the chunk ("all": the image and
+        question tokens too, which attend to similar demonstrations as a new item's would)."""
+        if self.scores_from == "all":
+            return self.calib.attention_mask
+        return self.calib.answer_mask
 
     # --- the protocol -----------------------------------------------------------------------------
     def keep_count(self, ratio: float) -> int:
@@ -222,8 +230,10 @@ def compress_chunk(
     on_settle: Callable[[], None] = lambda: None,
     forced: torch.Tensor | None = None,
     exact_js: bool = True,
+    scores_from: str = "answer",
 ) -> ChunkResult:
-    search = ChunkSearch(decoder, memory, chunk, calib, offset, precision, on_settle, forced, exact_js=exact_js)
+    search = ChunkSearch(decoder, memory, chunk, calib, offset, precision, on_settle, forced, exact_js=exact_js,
+                         scores_from=scores_from)
     policy.decide(search)
     return search.result(demos)
 

@@ -110,7 +110,7 @@ class Compressor:
             result = compress_chunk(
                 self.decoder, working, chunk, calib,
                 offset, policy, judge_precision, demos=len(chunks[k]), on_settle=progress.layer, forced=forced,
-                exact_js=policy.exact_js,
+                exact_js=policy.exact_js, scores_from=policy.scores_from,
             )
             self.stats.add(result.stats)
             index = [i + tokens_before for i in result.token_index]  # within the chunk -> within the context

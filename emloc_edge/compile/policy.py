@@ -39,6 +39,7 @@ class LayerBudgetPolicy(Protocol):
     forces: str  # "answer": every answer-span token is kept; "content": only the answer's own tokens;
     # "answer+end": the answer's tokens and its end-of-turn (not the newline opening the turn)
     exact_js: bool  # decide every trial on the exact JS (else on the restricted-vocabulary lower bound)
+    scores_from: str  # "answer": the calibration answers' attention scores a chunk's tokens; "all": every calibration token's
 
     def decide(self, search: ChunkSearch) -> None: ...
 
@@ -79,6 +80,7 @@ class GreedyTopDown:
     calibration: str = "own"
     forces: str = "answer"
     exact_js: bool = True
+    scores_from: str = "answer"
 
     def decide(self, search: ChunkSearch) -> None:
         greedy_top_down(search, self.delta, self.ratios)
@@ -113,6 +115,7 @@ class ProfileVerified:
     calibration: str = "own"
     forces: str = "answer"
     exact_js: bool = False
+    scores_from: str = "answer"
     search_margin: float = 0.5
     profile_window: int = 1  # searches the profile is the per-layer median of
     searched: list[list[float]] = field(default_factory=list, repr=False)  # the last searches' ratios, oldest first
@@ -150,6 +153,7 @@ class UniformRatio:
     calibration: str = "own"
     forces: str = "answer"
     exact_js: bool = True
+    scores_from: str = "answer"
 
     def decide(self, search: ChunkSearch) -> None:
         for layer in range(search.num_layers):
