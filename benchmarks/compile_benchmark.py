@@ -58,7 +58,7 @@ class VariantOptions(CompileOptions):
                 continue
             setattr(policy, *{"next": ("calibration", "next"), "content": ("forces", "content"),
                               "own": ("calibration", "own"), "answer": ("forces", "answer"), "end": ("forces", "answer+end"),
-                              "all": ("scores_from", "all"),
+                              "all": ("scores_from", "all"), "answers": ("scores_from", "answer"),
                               "exact": ("exact_js", True), "stored": ("judges_stored", True),
                               "computed": ("judges_stored", False)}[v])
         return policy

@@ -101,7 +101,8 @@ def test_search_reaches_the_naive_searchs_decisions(llama, tmp_path, delta):
     ours, _ = _compile(llama, demos, delta=delta, chunk_size=3, precision="fp32", policy="emloc")
     emloc = CompileOptions(policy="emloc").make_policy()
     headroom = _Judged(delta=delta * emloc.search_margin, chunk_size=3, precision="fp32", policy="emloc-paper",
-                       judging={"calibration": emloc.calibration, "forces": emloc.forces})
+                       judging={"calibration": emloc.calibration, "forces": emloc.forces,
+                                "scores_from": emloc.scores_from})
     headroom = Compressor(llama, headroom).compile(demos)
     # naive search on chunk 0 from the empty memory, and on chunk 1 from the paper's own chunk-0 memory
     kv = memory_kv(paper)
