@@ -40,27 +40,35 @@ from emloc_edge.models.chat import Piece
 from emloc_edge.models.decoder import LayerKV, RaggedDecoder
 from emloc_edge.models.loading import load_model
 
+# "+name" -> (policy attribute, value): compile_benchmark's judging variants
+VARIANTS = {
+    "next": ("calibration", "next"),  # calibrated on the next chunk's demos
+    "own": ("calibration", "own"),  # on the chunk's own demos re-read
+    "content": ("forces", "content"),  # only the answers' own tokens forced
+    "end": ("forces", "answer+end"),  # the answer's tokens and its end-of-turn
+    "answer": ("forces", "answer"),  # the whole answer span
+    "all": ("scores_from", "all"),  # every calibration token's attention scores a chunk's tokens
+    "answers": ("scores_from", "answer"),  # only the calibration answers'
+    "exact": ("exact_js", True),  # decided on the whole LM head
+    "stored": ("judges_stored", True),  # candidates judged as stored (after the int8 round trip)
+    "computed": ("judges_stored", False),  # judged as computed (fp32), stored after
+}
+
 
 @dataclass
 class VariantOptions(CompileOptions):
-    """A policy with some of its judging settings changed: "emloc+next" calibrates on the next chunk's
-    demos ("+own": on its own), "+content" forces only the answers' own tokens ("+answer": the whole
-    answer span; "+end": the answer's tokens and its end-of-turn), "+exact" decides on the whole LM head, "+stored" judges candidates as stored ("+computed": as
-    computed, fp32, and stored after), "+all" scores tokens by every calibration token's attention (not only the answers'), "+w3" takes the profile as the median of the last 3 searches."""
+    """A policy with some of its judging settings changed, e.g. "emloc+next+content" (VARIANTS);
+    "+w3" takes the profile as the per-layer median of the last 3 searches."""
 
     variant: tuple[str, ...] = ()
 
     def make_policy(self):
         policy = super().make_policy()
         for v in self.variant:
-            if v[:1] == "w" and v[1:].isdigit():  # "+w3": the profile is the median of the last 3 searches
+            if v[:1] == "w" and v[1:].isdigit():
                 policy.profile_window = int(v[1:])
-                continue
-            setattr(policy, *{"next": ("calibration", "next"), "content": ("forces", "content"),
-                              "own": ("calibration", "own"), "answer": ("forces", "answer"), "end": ("forces", "answer+end"),
-                              "all": ("scores_from", "all"), "answers": ("scores_from", "answer"),
-                              "exact": ("exact_js", True), "stored": ("judges_stored", True),
-                              "computed": ("judges_stored", False)}[v])
+            else:
+                setattr(policy, *VARIANTS[v])
         return policy
 
 
@@ -109,6 +117,12 @@ def load_queries(path: Path) -> list[Demo]:
     return [Demo(r["question"], r["answer"]) for r in rows]
 
 
+def answer_line(tokenizer, ids: list[int]) -> str:
+    """The generated answer as it is compared with the reference: its first line, stripped."""
+    text = tokenizer.decode(ids).strip()
+    return text.splitlines()[0] if text else ""
+
+
 class Scorer:
     """Answers the queries with a memory: accuracy, first-token log-probs (for JS and KL)."""
 
@@ -121,8 +135,7 @@ class Scorer:
         for q in self.queries:
             ids, first = greedy_answer_and_logits(self.adapter, kv, memory.meta.position_offset, q.question, q.image,
                                                   max_new_tokens=8)
-            text = self.adapter.tokenizer.decode(ids).strip()
-            right += (text.splitlines()[0] if text else "") == q.answer
+            right += answer_line(self.adapter.tokenizer, ids) == q.answer
             firsts.append(first.float().log_softmax(-1))
         return right / len(self.queries), firsts
 

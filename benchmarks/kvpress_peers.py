@@ -34,7 +34,12 @@ import torch
 from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.compile_benchmark import add_task_arguments, model_path, task_items
+from benchmarks.compile_benchmark import (
+    add_task_arguments,
+    answer_line,
+    model_path,
+    task_items,
+)
 from emloc_edge.models.chat import Piece
 from emloc_edge.models.loading import load_model
 
@@ -113,7 +118,8 @@ def answer(adapter, model, cache: DynamicCache, context: Context, question: str,
         embeds, positions = embeds[:, -1:], positions[:, -1:]
     out: list[int] = []
     for _ in range(max_new_tokens):
-        logits = model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True).logits
+        logits = model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True,
+                       logits_to_keep=1).logits  # [1, 1, vocab]: only the last position's
         token = int(logits[0, -1].argmax())
         if token in stop:
             break
@@ -121,8 +127,7 @@ def answer(adapter, model, cache: DynamicCache, context: Context, question: str,
         embeds = model.get_input_embeddings()(torch.tensor([[token]]))
         positions = torch.tensor([[next_position]])
         next_position += 1
-    text = adapter.tokenizer.decode(out).strip()
-    return text.splitlines()[0] if text else ""
+    return answer_line(adapter.tokenizer, out)
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from ..models.base import Batch
 from ..models.decoder import LayerKV, RaggedDecoder, Scoring
 from .policy import LayerBudgetPolicy
 from .restricted_js import RestrictedHead
-from .scoring import gather_tokens, keep_count, keep_topk, smooth_scores
+from .scoring import FORCED_TOKENS, gather_tokens, keep_count, keep_topk, smooth_scores
 
 
 @dataclass
@@ -228,12 +228,11 @@ def compress_chunk(
     precision: str,
     demos: int,
     on_settle: Callable[[], None] = lambda: None,
-    forced: torch.Tensor | None = None,
-    exact_js: bool = True,
-    scores_from: str = "answer",
 ) -> ChunkResult:
-    search = ChunkSearch(decoder, memory, chunk, calib, offset, precision, on_settle, forced, exact_js=exact_js,
-                         scores_from=scores_from)
+    """Search the chunk as `policy` judges it (its forced tokens, JS and scores) and prune it."""
+    forced = FORCED_TOKENS[policy.forces](chunk.answer_mask[0])  # [L] bool
+    search = ChunkSearch(decoder, memory, chunk, calib, offset, precision, on_settle, forced,
+                         exact_js=policy.exact_js, scores_from=policy.scores_from)
     policy.decide(search)
     return search.result(demos)
 

@@ -18,7 +18,6 @@ from .demos import Demo
 from .device import DeviceDecoder, resolve_device, to_device
 from .query import memory_kv
 from .policy import DEFAULT_POLICY, POLICIES, LayerBudgetPolicy, make_policy, validate_ratios
-from .scoring import FORCED_TOKENS
 
 
 @dataclass
@@ -105,12 +104,9 @@ class Compressor:
             progress.chunk(k, len(chunks), len(chunks[k]), self.adapter.geometry.num_layers)
             chunk = to_device(self.adapter.embed([chunk_seq]), dev)
             calib = to_device(self.adapter.embed(_calibration(rendered, k, policy.calibration)), dev)
-            select = FORCED_TOKENS[policy.forces]
-            forced = select(chunk.answer_mask[0]) if select is not None else None
             result = compress_chunk(
                 self.decoder, working, chunk, calib,
-                offset, policy, judge_precision, demos=len(chunks[k]), on_settle=progress.layer, forced=forced,
-                exact_js=policy.exact_js, scores_from=policy.scores_from,
+                offset, policy, judge_precision, demos=len(chunks[k]), on_settle=progress.layer,
             )
             self.stats.add(result.stats)
             index = [i + tokens_before for i in result.token_index]  # within the chunk -> within the context

@@ -51,5 +51,10 @@ def _shifted(mask: torch.Tensor, by: int) -> torch.Tensor:
     return torch.cat([pad, mask[:-by]]) if by > 0 else torch.cat([mask[-by:], pad])
 
 
-# policy.forces -> the tokens every layer keeps, from the chunk's answer-span mask (None: the whole span)
-FORCED_TOKENS = {"answer": None, "content": content_tokens, "answer+end": answer_and_end_tokens}
+def answer_span_tokens(answer: torch.Tensor) -> torch.Tensor:
+    """The whole answer span [L] bool: opening newline, the answer, end-of-turn (the paper's choice)."""
+    return answer
+
+
+# policy.forces -> the tokens every layer keeps, from the chunk's answer-span mask
+FORCED_TOKENS = {"answer": answer_span_tokens, "content": content_tokens, "answer+end": answer_and_end_tokens}
