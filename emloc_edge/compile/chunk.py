@@ -23,7 +23,14 @@ from ..models.base import Batch
 from ..models.decoder import LayerKV, RaggedDecoder, Scoring
 from .policy import LayerBudgetPolicy
 from .restricted_js import RestrictedHead
-from .scoring import FORCED_TOKENS, gather_tokens, keep_count, keep_topk, smooth_scores
+from .scoring import (
+    FORCED_TOKENS,
+    SCORING_TOKENS,
+    gather_tokens,
+    keep_count,
+    keep_topk,
+    smooth_scores,
+)
 
 
 @dataclass
@@ -99,7 +106,7 @@ class ChunkSearch:
         self.calib_positions = self.calib.position_ids + self.offset + self.span
         teacher = d.forward(
             self.calib.inputs_embeds, self.calib_positions, self.calib.attention_mask, full, keep_inputs=True,
-            scoring=Scoring(self._score_queries(), [len(m) for m in self.memory]),
+            scoring=Scoring(SCORING_TOKENS[self.scores_from](self.calib), [len(m) for m in self.memory]),
         )
         self.layer_inputs = teacher.layer_inputs  # h_l entering layer l: exact while layers < l are unpruned
         head = d.stack.lm_head
@@ -114,13 +121,6 @@ class ChunkSearch:
         self._outputs: dict[tuple, torch.Tensor] = {}  # trial key -> normed final hidden at answer positions
         self._exact: dict[tuple, float] = {}
         self.stats = TrialStats()
-
-    def _score_queries(self) -> torch.Tensor:
-        """[B, T] bool: calibration tokens whose attention scores the chunk ("all": the image and
-        question tokens too, which attend to similar demonstrations as a new item's would)."""
-        if self.scores_from == "all":
-            return self.calib.attention_mask
-        return self.calib.answer_mask
 
     # --- the protocol -----------------------------------------------------------------------------
     def keep_count(self, ratio: float) -> int:

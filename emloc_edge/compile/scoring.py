@@ -58,3 +58,8 @@ def answer_span_tokens(answer: torch.Tensor) -> torch.Tensor:
 
 # policy.forces -> the tokens every layer keeps, from the chunk's answer-span mask
 FORCED_TOKENS = {"answer": answer_span_tokens, "content": content_tokens, "answer+end": answer_and_end_tokens}
+
+# policy.scores_from -> the calibration tokens [B, T] bool whose attention scores a chunk's tokens: the
+# answers' (the paper's), or every token's (the image and question tokens attend to the demonstrations
+# that resemble them, as a new item's would)
+SCORING_TOKENS = {"answer": lambda calib: calib.answer_mask, "all": lambda calib: calib.attention_mask}
