@@ -43,6 +43,13 @@ from emloc_edge.models.loading import load_model
 # "+name" -> (policy attribute, value): compile_benchmark's judging variants
 VARIANTS = {
     "next": ("calibration", "next"),  # calibrated on the next chunk's demos
+    "held": ("calibration", "held-out"),  # on the chunk's demos, each blind to its own copy
+    "context": ("scope", "context"),  # the whole context one chunk, one search
+    "chunks": ("scope", "chunk"),  # one search per chunk
+    "pool": ("budget", "context"),  # scope context: one pool of tokens per layer over the whole context
+    "shares": ("budget", "chunk"),  # scope context: every chunk_size demos keep their share of a layer
+    "ranked": ("search", "ranked"),  # scope context: steps ranked by their JS alone, longest prefix within delta
+    "greedy": ("search", "greedy"),  # scope context: the paper's top-down search
     "own": ("calibration", "own"),  # on the chunk's own demos re-read
     "content": ("forces", "content"),  # only the answers' own tokens forced
     "end": ("forces", "answer+end"),  # the answer's tokens and its end-of-turn
@@ -58,7 +65,8 @@ VARIANTS = {
 @dataclass
 class VariantOptions(CompileOptions):
     """A policy with some of its judging settings changed, e.g. "emloc+next+content" (VARIANTS);
-    "+w3" takes the profile as the per-layer median of the last 3 searches."""
+    "+w3" takes the profile as the per-layer median of the last 3 searches; "+r16" calibrates a
+    "held-out" policy on 16 rows."""
 
     variant: tuple[str, ...] = ()
 
@@ -67,6 +75,8 @@ class VariantOptions(CompileOptions):
         for v in self.variant:
             if v[:1] == "w" and v[1:].isdigit():
                 policy.profile_window = int(v[1:])
+            elif v[:1] == "r" and v[1:].isdigit():
+                policy.calibration_rows = int(v[1:])
             else:
                 setattr(policy, *VARIANTS[v])
         return policy
@@ -147,7 +157,7 @@ def kl(p_logs: list[torch.Tensor], q_logs: list[torch.Tensor]) -> float:
 def answer_floor(compressor: Compressor, demos: list[Demo], chunk_size: int) -> float:
     forced = tokens = 0
     for k in range(0, len(demos), chunk_size):
-        seq, _, _ = compressor._render_chunk(demos[k : k + chunk_size], with_system=k == 0)
+        seq = compressor._render_chunk(demos[k : k + chunk_size], with_system=k == 0).sequence
         forced, tokens = forced + sum(seq.answer_mask), tokens + len(seq.input_ids)
     return forced / tokens
 

@@ -19,6 +19,7 @@ from .cli_common import (  # noqa: F401  (EXIT_*, FLAGS, _one_line: part of the 
     model_option,
 )
 from .cli_serving import eval_command, serve
+from .compile.policy import POLICIES
 from .textout import human_size as _size
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,14 +46,15 @@ def main() -> None:
               help="Memory file to write [default: task.emloc, or the --append file].")
 @click.option("--delta", type=float, default=None, help="JS divergence tolerance in nats [default: 0.005].")
 @click.option("--ratios", callback=_ratios, default=None, help="Candidate keep ratios, smallest first [default: 0.1,0.2,0.5].")
-@click.option("--chunk-size", type=click.IntRange(min=1), default=None, help="Demonstrations per chunk [default: 4].")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=None, help="Demonstrations per chunk, for the chunk-wise policies [default: 4].")
 @click.option("--precision", type=click.Choice(["int8", "fp16", "fp32"]), default=None,
               help="How K/V are stored [default: int8].")
 @click.option("--append", type=click.Path(path_type=Path), default=None,
               help="Compress the demos as further chunks of this memory (its chunks stay as they are).")
 @click.option("--question", default=None, help="Question for folder-per-answer demos (else DEMOS_DIR/task.json).")
-@click.option("--policy", type=click.Choice(["emloc", "emloc-paper", "uniform"]), default=None,
-              help="Layer budget policy [default: emloc; emloc-paper: the authors' search].")
+@click.option("--policy", type=click.Choice(list(POLICIES)), default=None,
+              help="Layer budget policy [default: emloc-context, one search and one budget over the whole "
+                   "context; emloc: chunk-wise; emloc-paper: the authors' search; uniform: one ratio].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the compiler runs (torch); auto: CUDA when torch sees a GPU.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -263,9 +265,13 @@ def _kept_line(s: dict) -> str:
     return f"{s['context_tokens']} context tokens -> {mean:.1f} kept per layer (mean; min {min(kept)}, max {max(kept)})"
 
 
+def _chunks(n: int) -> str:
+    return f"{n} chunk" if n == 1 else f"{n} chunks"
+
+
 def _compile_text(s: dict) -> str:
     return "\n".join([
-        f"compiled {s['demos']} demos in {s['chunks']} chunks with {s['model']}",
+        f"compiled {s['demos']} demos in {_chunks(s['chunks'])} with {s['model']}",
         _kept_line(s),
         f"compression {100 * s['compression']:.1f}% of the context, {s['precision']} "
         f"-> {s['output']} ({_size(s['file_bytes'])}) in {s['seconds']:.1f} s",
@@ -277,7 +283,7 @@ def _inspect_text(path: Path, s: dict) -> str:
     rows = [
         ("file", f"{path} ({_size(s['file_bytes'])}, format v{s['format_version']})"),
         ("model", f"{s['model']} ({s.get('model_family', '?')}, {s['num_layers']} layers)"),
-        ("demos", f"{s['demos']} in {s['chunks']} chunks"),
+        ("demos", f"{s['demos']} in {_chunks(s['chunks'])}"),
         ("context", _kept_line(s)),
         ("compression", f"{100 * s['compression']:.1f}% of the context"),
         ("kept per layer", " ".join(str(k) for k in kept)),

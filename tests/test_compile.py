@@ -118,7 +118,7 @@ def _answer_token_indices(adapter, demos: list[Demo], chunk_size: int) -> set[in
     compressor = Compressor(adapter, CompileOptions(chunk_size=chunk_size))
     found, base = set(), 0
     for k in range(0, len(demos), chunk_size):
-        seq, _, _ = compressor._render_chunk(demos[k : k + chunk_size], with_system=k == 0)
+        seq = compressor._render_chunk(demos[k : k + chunk_size], with_system=k == 0).sequence
         found |= {base + i for i, a in enumerate(seq.answer_mask) if a}
         base += len(seq.input_ids)
     return found
@@ -187,22 +187,23 @@ def test_append_keeps_old_memory_and_equals_one_compile(adapters, tmp_path, poli
 
 def test_js_recomputed_after_each_chunk_is_within_delta(adapters, tmp_path):
     """Rebuild each chunk's teacher (previous memory + unpruned chunk) from scratch and re-measure, on
-    the calibration rows the policy asks for (the default: the next chunk's demos)."""
+    the calibration rows the chunk-wise policy asks for (its own demos re-read)."""
     from emloc_edge.compile.compressor import _calibration
 
     family, adapter = adapters
     delta, size = 0.005, 3
     demos = make_demos(family, 6, tmp_path, long=True)
-    memory = _compile(adapter, demos, delta=delta, chunk_size=size, precision="fp32")
-    compressor = Compressor(adapter, CompileOptions(chunk_size=size))
-    which = CompileOptions().make_policy().calibration
+    memory = _compile(adapter, demos, delta=delta, chunk_size=size, precision="fp32", policy="emloc")
+    compressor = Compressor(adapter, CompileOptions(chunk_size=size, policy="emloc"))
+    policy = CompileOptions(policy="emloc").make_policy()
     rendered = [compressor._render_chunk(demos[k : k + size], with_system=k == 0) for k in range(0, len(demos), size)]
     decoder = RaggedDecoder(adapter)
     kv = memory_kv(memory)
     offset, start = 0, [0] * adapter.geometry.num_layers
     for k, record in enumerate(memory.meta.chunks):
-        seq = rendered[k][0]
-        chunk, calib = adapter.embed([seq]), adapter.embed(_calibration(rendered, k, which))
+        seq = rendered[k].sequence
+        rows, _ = _calibration(rendered, k, policy.calibration, policy.calibration_rows)
+        chunk, calib = adapter.embed([seq]), adapter.embed(rows)
         end = [s + n for s, n in zip(start, record.kept_per_layer)]
         old = [LayerKV(m.key[:, :s], m.value[:, :s]) for m, s in zip(kv, start)]
         pruned = [LayerKV(m.key[:, :e], m.value[:, :e]) for m, e in zip(kv, end)]
@@ -246,7 +247,7 @@ def test_decoder_matches_transformers_layer_by_layer(adapters, tmp_path):
     """No memory, one sequence: the explicit decoder's logits equal the HF model's at every position."""
     family, adapter = adapters
     demos = make_demos(family, 2, tmp_path)
-    seq, _, _ = Compressor(adapter)._render_chunk(demos, with_system=True)
+    seq = Compressor(adapter)._render_chunk(demos, with_system=True).sequence
     batch = adapter.embed([seq])
     g = adapter.geometry
     empty = [LayerKV.empty(g.num_kv_heads, g.head_dim) for _ in range(g.num_layers)]

@@ -35,8 +35,8 @@ def _compile(adapter, demos, **options):
 
 
 def test_policies_by_name_and_default():
-    assert list(POLICIES)[:3] == ["emloc", "emloc-paper", "uniform"]
-    assert CompileOptions().policy == "emloc"
+    assert list(POLICIES)[:4] == ["emloc-context", "emloc", "emloc-paper", "uniform"]
+    assert CompileOptions().policy == "emloc-context"
     assert isinstance(CompileOptions(policy="emloc-paper").make_policy(), GreedyTopDown)
     with pytest.raises(BadInputError, match="policy"):
         CompileOptions(policy="nope")
@@ -108,7 +108,8 @@ def test_search_reaches_the_naive_searchs_decisions(llama, tmp_path, delta):
     kv = memory_kv(paper)
     start = [0] * llama.geometry.num_layers
     for k, record in enumerate(paper.meta.chunks):
-        seq, calib_seqs, _ = compressor._render_chunk(demos[k * 3 : (k + 1) * 3], with_system=k == 0)
+        rendered = compressor._render_chunk(demos[k * 3 : (k + 1) * 3], with_system=k == 0)
+        seq, calib_seqs = rendered.sequence, rendered.calibration
         prefix = [LayerKV(m.key[:, :s], m.value[:, :s]) for m, s in zip(kv, start)]
         with torch.no_grad():
             search = ChunkSearch(compressor.decoder, prefix, llama.embed([seq]), llama.embed(calib_seqs), offset, "fp32")
@@ -245,7 +246,7 @@ def test_partial_forcing_keeps_exactly_the_forced_tokens(llama, tmp_path, forces
     demos = make_demos("llama", 4, tmp_path)  # short questions: the floor is above 0.1 of the chunk
     compressor = Compressor(llama, _Judged(delta=math.inf, chunk_size=4, precision="fp32", judging={"forces": forces}))
     memory = compressor.compile(demos)
-    seq, _, _ = compressor._render_chunk(demos, with_system=True)
+    seq = compressor._render_chunk(demos, with_system=True).sequence
     answer = torch.tensor(seq.answer_mask)
     content = FORCED_TOKENS[forces](answer)
     spans = int((answer & ~torch.cat([answer.new_zeros(1), answer[:-1]])).sum())  # answer spans = demos
@@ -269,7 +270,7 @@ def test_scores_from_every_calibration_token(llama, tmp_path):
     assert by_all.meta.kept_tokens_per_layer == by_answers.meta.kept_tokens_per_layer
     differ = [not np.array_equal(a.token_index, b.token_index) for a, b in zip(by_all.layers, by_answers.layers)]
     assert any(differ), "the answers' attention and every token's rank the chunk's tokens differently"
-    seq, _, _ = Compressor(llama)._render_chunk(demos, with_system=True)
+    seq = Compressor(llama)._render_chunk(demos, with_system=True).sequence
     answers = set(np.flatnonzero(seq.answer_mask).tolist())
     for layer in by_all.layers:
         for head in layer.token_index:

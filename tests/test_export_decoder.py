@@ -49,7 +49,8 @@ def exported(all_family_dir, tmp_path_factory) -> Exported:
     out = tmp_path_factory.mktemp(f"decoder_step_{family}")
     manifest = export_decoder_step(adapter, out, weights="fp32")
     demos = make_demos(family, 4, tmp_path_factory.mktemp(f"demos_{family}"))
-    compiled = {name: Compressor(adapter, CompileOptions(delta=0.005, precision=p, chunk_size=c)).compile(demos)
+    # chunk-wise policy: memories of 1, 2 and 4 segments (int8 scales per chunk)
+    compiled = {name: Compressor(adapter, CompileOptions(delta=0.005, precision=p, chunk_size=c, policy="emloc")).compile(demos)
                 for name, p, c in [("fp32", "fp32", 2), ("fp16", "fp16", 2), ("int8", "int8", 2), ("int8_1seg", "int8", 4),
                                    ("int8_4seg", "int8", 1)]}
     return Exported(adapter, out, manifest, compiled)

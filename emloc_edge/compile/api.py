@@ -31,8 +31,9 @@ def compile_memory(
 
     demos: a demos folder (demos.jsonl or <answer>/<image> layout) or a list of `Demo`.
     model: a local HF model folder, a .gguf file, or an adapter from `load_model`.
-    policy: a name in `emloc_edge.compile.policy.POLICIES` ("emloc", the default; "emloc-paper", the
-    authors' search; "uniform"). device: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda".
+    policy: a name in `emloc_edge.compile.policy.POLICIES` ("emloc-context", the default: one search
+    and one budget over the whole context; "emloc": chunk-wise, a profile verified per chunk;
+    "emloc-paper", the authors' search; "uniform"). device: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda".
     Options left as None take the defaults, or with `append` the existing memory's own
     settings; `append` compresses the demos as further chunks of that memory file, whose earlier
     chunks stay bit-identical.

@@ -29,8 +29,12 @@ from .scoring import (
     gather_tokens,
     keep_count,
     keep_topk,
+    keep_topk_per_segment,
     smooth_scores,
 )
+
+
+PREFILL_BLOCK = 1024  # tokens a chunk's prefill feeds at once
 
 
 @dataclass
@@ -85,28 +89,32 @@ class ChunkSearch:
     forced: torch.Tensor | None = None  # [L] bool tokens every layer keeps (default: the chunk's answer tokens)
     exact_js: bool = True  # decide on the exact JS (the whole head); else on the restricted-vocabulary JS
     scores_from: str = "answer"  # whose attention scores the chunk's tokens: the calibration answers', or "all" tokens'
+    token_origin: torch.Tensor | None = None  # [L] long: the demonstration each chunk token belongs to
+    calib_blind_to: torch.Tensor | None = None  # [B] long: the demonstration each calibration row must not see
+    segment: torch.Tensor | None = None  # [L] long: budget segments, each keeping its own share of a layer's count
     num_layers: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.num_layers = self.decoder.geometry.num_layers
         d = self.decoder
         # 1. Prefill the chunk against the frozen memory, keeping its own K/V (rotated at their positions).
-        out = d.forward(
-            self.chunk.inputs_embeds, self.chunk.position_ids + self.offset, self.chunk.attention_mask,
-            self.memory, keep_kv=True,
-        )
-        self.chunk_kv = [(k[0], v[0]) for k, v in out.new_kv]  # per layer ([kv, L, hd], [kv, L, hd])
+        self.chunk_kv = self._prefill()  # per layer ([kv, L, hd], [kv, L, hd])
         self.tokens = self.chunk.input_ids.shape[1]
         forced = self.chunk.answer_mask[0] if self.forced is None else self.forced  # [L]
         self.answers = int(forced.sum())
+        self._quotas: dict[int, list[int]] = {}  # keep count -> per-segment counts (with segments)
+        if self.segment is not None:
+            self._segment_tokens = torch.bincount(self.segment).tolist()
+            self._segment_forced = torch.bincount(self.segment, weights=forced.double()).long().tolist()
         self.span = int(self.chunk.next_position[0])
-        full = [m.extend(k, v) for m, (k, v) in zip(self.memory, self.chunk_kv)]
+        full = [m.extend(k, v, self._origin_of(None, k)) for m, (k, v) in zip(self.memory, self.chunk_kv)]
 
         # 2. Calibration pass: the calibration demos fed right after the chunk, attending to [memory ; chunk].
         self.calib_positions = self.calib.position_ids + self.offset + self.span
         teacher = d.forward(
             self.calib.inputs_embeds, self.calib_positions, self.calib.attention_mask, full, keep_inputs=True,
             scoring=Scoring(SCORING_TOKENS[self.scores_from](self.calib), [len(m) for m in self.memory]),
+            blind_to=self.calib_blind_to,
         )
         self.layer_inputs = teacher.layer_inputs  # h_l entering layer l: exact while layers < l are unpruned
         head = d.stack.lm_head
@@ -121,10 +129,35 @@ class ChunkSearch:
         self._outputs: dict[tuple, torch.Tensor] = {}  # trial key -> normed final hidden at answer positions
         self._exact: dict[tuple, float] = {}
         self.stats = TrialStats()
+        self._reported: set[int] = set()  # layers already counted by on_settle
+
+    def _prefill(self, block: int = PREFILL_BLOCK) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The chunk's K/V per layer, prefilled `block` tokens at a time (each block attends to the memory
+        and the earlier blocks), so a whole-context chunk never holds a [T, T] score matrix per head."""
+        c, L = self.chunk, self.chunk.input_ids.shape[1]
+        keys: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
+        values: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
+        memory = list(self.memory)
+        for a in range(0, L, block):
+            b = min(a + block, L)
+            out = self.decoder.forward(
+                c.inputs_embeds[:, a:b], c.position_ids[..., a:b] + self.offset, c.attention_mask[:, a:b],
+                memory, keep_kv=True,
+            )
+            for l, (k, v) in enumerate(out.new_kv):
+                keys[l].append(k[0])
+                values[l].append(v[0])
+                memory[l] = LayerKV(torch.cat([memory[l].key, k[0]], 1), torch.cat([memory[l].value, v[0]], 1))
+        return [(torch.cat(k, 1), torch.cat(v, 1)) for k, v in zip(keys, values)]
 
     # --- the protocol -----------------------------------------------------------------------------
     def keep_count(self, ratio: float) -> int:
-        return keep_count(ratio, self.tokens, self.answers)
+        if self.segment is None:
+            return keep_count(ratio, self.tokens, self.answers)
+        # Each segment keeps its share; quotas are monotone in ratio, so a total names one split.
+        quotas = [keep_count(ratio, n, a) for n, a in zip(self._segment_tokens, self._segment_forced)]
+        self._quotas[sum(quotas)] = quotas
+        return sum(quotas)
 
     def settled_count(self, layer: int) -> int:
         return self.settled[layer][0].count if layer in self.settled else self.tokens
@@ -144,21 +177,41 @@ class ChunkSearch:
         self.settled[layer] = (choice, ratio, js)
         for key in [k for k in self._choices if k[0] == layer and k[1] != count]:
             del self._choices[key]  # a settled layer's other candidates are never run again
-        self.on_settle()
+        self._report(layer)
+
+    def measured(self, layer: int) -> None:
+        """The policy is done measuring `layer`, though it settles it later: progress only."""
+        self._report(layer)
 
     # --- helpers ----------------------------------------------------------------------------------
+    def _report(self, layer: int) -> None:
+        if layer not in self._reported:  # each layer counts once, whether measured or settled first
+            self._reported.add(layer)
+            self.on_settle()
+
     def _choose(self, layer: int, count: int) -> _Choice:
         if count == self.tokens:  # the whole chunk: no selection, stored as computed
             k, v = self.chunk_kv[layer]
             index = torch.arange(count, device=k.device)[None].expand(k.shape[0], -1)
-            return _Choice(count, index, k, v, self.memory[layer].extend(*_roundtrip(k, v, self.precision)))
+            stored = self.memory[layer].extend(*_roundtrip(k, v, self.precision), self._origin_of(None, k))
+            return _Choice(count, index, k, v, stored)
         if (layer, count) not in self._choices:
-            index = keep_topk(self.importance[layer], count)  # [kv, n]
+            if self.segment is None:
+                index = keep_topk(self.importance[layer], count)  # [kv, n]
+            else:
+                index = keep_topk_per_segment(self.importance[layer], self.segment, self._quotas[count])
             k, v = self.chunk_kv[layer]
             key, value = gather_tokens(k, index), gather_tokens(v, index)  # [kv, n, hd]
-            stored = self.memory[layer].extend(*_roundtrip(key, value, self.precision))
+            stored = self.memory[layer].extend(*_roundtrip(key, value, self.precision), self._origin_of(index, k))
             self._choices[(layer, count)] = _Choice(count, index, key, value, stored)
         return self._choices[(layer, count)]
+
+    def _origin_of(self, index: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor | None:
+        """Origins [kv, n] of the chunk tokens at index [kv, n] (None: all of key's [kv, L]); None if unknown."""
+        if self.token_origin is None:
+            return None
+        every = self.token_origin[None].expand(key.shape[0], -1)  # [kv, L]
+        return every if index is None else every.gather(1, index)
 
     def _judge(self, start: int, counts: dict[int, int], delta: float | None) -> float:
         """Mean JS of the trial: exact (the whole LM head) with exact_js or without `delta`, else the
@@ -185,6 +238,7 @@ class ChunkSearch:
     def _run(self, memory: list[LayerKV], start: int) -> torch.Tensor:
         out = self.decoder.forward(
             self.layer_inputs[start], self.calib_positions, self.calib.attention_mask, memory, start_layer=start,
+            blind_to=self.calib_blind_to,
         )
         return self.decoder.stack.norm(out.hidden[self.calib.answer_mask])  # [N, D]
 
@@ -228,11 +282,18 @@ def compress_chunk(
     precision: str,
     demos: int,
     on_settle: Callable[[], None] = lambda: None,
+    token_origin: torch.Tensor | None = None,
+    calib_blind_to: torch.Tensor | None = None,
+    segment: torch.Tensor | None = None,
 ) -> ChunkResult:
-    """Search the chunk as `policy` judges it (its forced tokens, JS and scores) and prune it."""
+    """Search the chunk as `policy` judges it (its forced tokens, JS and scores) and prune it. With
+    token_origin [L] and calib_blind_to [B], calibration row b does not see the chunk tokens of
+    demonstration calib_blind_to[b] (its own copy): it then reads the chunk as a held-out item would.
+    With segment [L], each segment keeps its own share of every keep count (`keep_topk_per_segment`)."""
     forced = FORCED_TOKENS[policy.forces](chunk.answer_mask[0])  # [L] bool
     search = ChunkSearch(decoder, memory, chunk, calib, offset, precision, on_settle, forced,
-                         exact_js=policy.exact_js, scores_from=policy.scores_from)
+                         exact_js=policy.exact_js, scores_from=policy.scores_from,
+                         token_origin=token_origin, calib_blind_to=calib_blind_to, segment=segment)
     policy.decide(search)
     return search.result(demos)
 

@@ -12,6 +12,7 @@ from .. import __version__
 from ..errors import BadInputError, ModelMismatchError
 from ..memory import PRECISIONS, MemoryMeta, TaskMemory
 from ..models.base import ModelAdapter, Sequence
+from ..models.chat import Piece
 from ..models.decoder import LayerKV
 from .chunk import TrialStats, compress_chunk
 from .demos import Demo
@@ -22,13 +23,15 @@ from .policy import DEFAULT_POLICY, POLICIES, LayerBudgetPolicy, make_policy, va
 
 @dataclass
 class CompileOptions:
-    """EMLoC hyperparameters (delta 0.005 nats, ratios 0.1/0.2/0.5, 4 demos a chunk: the paper's values)."""
+    """EMLoC hyperparameters (delta 0.005 nats, ratios 0.1/0.2/0.5, 4 demos a chunk: the paper's values).
+    The default policy ("emloc-context") searches the whole context as one chunk; chunk_size then only
+    sizes the budget shares of its non-default budget "chunk"."""
 
     delta: float = 0.005  # JS tolerance on the final output; < 0 prunes nothing, inf always takes the smallest ratio
     ratios: tuple[float, ...] = (0.1, 0.2, 0.5)  # candidate keep ratios, tried smallest first
-    chunk_size: int = 4  # demonstrations per chunk
+    chunk_size: int = 4  # demonstrations per chunk (policies of scope "chunk")
     precision: str = "int8"  # how the memory file stores K/V: int8 | fp16 | fp32
-    policy: str = DEFAULT_POLICY  # a name in POLICIES: "emloc", "emloc-paper" or "uniform" (ratios[0] everywhere)
+    policy: str = DEFAULT_POLICY  # a name in POLICIES: "emloc-context", "emloc", "emloc-paper" or "uniform" (ratios[0] everywhere)
 
     def __post_init__(self) -> None:
         if math.isnan(self.delta):
@@ -83,30 +86,36 @@ class Compressor:
         questions = {d.question for d in demos}
         if existing is None and len(questions) == 1:  # what `run IMAGE` asks when no question is given
             memory.meta.template["default_question"] = questions.pop()
-        chunks = [demos[i : i + self.options.chunk_size] for i in range(0, len(demos), self.options.chunk_size)]
+        policy = self.options.make_policy()
+        size = self.options.chunk_size if policy.scope == "chunk" else len(demos)  # "context": one chunk, one search
+        chunks = [demos[i : i + size] for i in range(0, len(demos), size)]
         first = existing is None
         rendered = [self._render_chunk(c, with_system=first and k == 0) for k, c in enumerate(chunks)]
         if first:
-            pieces = [p for _, _, ps in rendered for p in ps]
+            pieces = [p for r in rendered for p in r.pieces]
             self.adapter.chat.check_concatenation(pieces, self.adapter.chat.messages(demos))
-        self._check_positions(memory, [seq for seq, _, _ in rendered])
+        self._check_positions(memory, [r.sequence for r in rendered])
 
         dev = self.torch_device
         working = [LayerKV(m.key.to(dev), m.value.to(dev)) for m in memory_kv(memory)]
         offset, tokens_before = memory.meta.position_offset, memory.meta.context_tokens
-        policy = self.options.make_policy()
         policy.resume([c.ratio_per_layer for c in memory.meta.chunks])
         # Judged as stored: candidates go through the file's precision. Otherwise decided in fp32 and
         # stored after, so later chunks condition on the memory as computed.
         judge_precision = memory.meta.precision if policy.judges_stored else "fp32"
         self.stats = TrialStats()
-        for k, (chunk_seq, _, _) in enumerate(rendered):
+        for k, part in enumerate(rendered):
             progress.chunk(k, len(chunks), len(chunks[k]), self.adapter.geometry.num_layers)
-            chunk = to_device(self.adapter.embed([chunk_seq]), dev)
-            calib = to_device(self.adapter.embed(_calibration(rendered, k, policy.calibration)), dev)
+            chunk = to_device(self.adapter.embed([part.sequence]), dev)
+            rows, blind_to = _calibration(rendered, k, policy.calibration, policy.calibration_rows)
+            calib = to_device(self.adapter.embed(rows), dev)
+            first_demo = k * size  # demos are numbered across the compile, so origins never collide
             result = compress_chunk(
                 self.decoder, working, chunk, calib,
                 offset, policy, judge_precision, demos=len(chunks[k]), on_settle=progress.layer,
+                token_origin=torch.tensor(part.token_origin, device=dev) + first_demo,
+                calib_blind_to=None if blind_to is None else torch.tensor(blind_to, device=dev) + first_demo,
+                segment=_segments(part, self.options.chunk_size, policy, dev),
             )
             self.stats.add(result.stats)
             index = [i + tokens_before for i in result.token_index]  # within the chunk -> within the context
@@ -139,8 +148,7 @@ class Compressor:
         )
         return TaskMemory.empty(meta)
 
-    def _render_chunk(self, demos: list[Demo], with_system: bool):
-        """(chunk sequence, one calibration sequence per demo, the chunk's text pieces)."""
+    def _render_chunk(self, demos: list[Demo], with_system: bool) -> "RenderedChunk":
         chat, adapter = self.adapter.chat, self.adapter
         pieces = [
             chat.demo_piece(d.question, d.answer, d.image is not None, with_system=with_system and i == 0)
@@ -158,7 +166,8 @@ class Compressor:
             adapter.sequence(chat.demo_piece(d.question, d.answer, d.image is not None, with_system=False), imgs)
             for d, imgs in zip(demos, images)
         ]
-        return chunk, calib, pieces
+        origin = [i for i, s in enumerate(parts) for _ in s.input_ids]
+        return RenderedChunk(chunk, calib, pieces, origin)
 
     def _check_positions(self, memory: TaskMemory, chunks: list[Sequence]) -> None:
         needed = memory.meta.position_offset + sum(self.adapter.position_span(s) for s in chunks)
@@ -170,12 +179,42 @@ class Compressor:
             )
 
 
-def _calibration(rendered: list, k: int, which: str) -> list[Sequence]:
-    """Calibration rows for chunk k: its own demos ("own"), or the next chunk's, which it has not seen
-    ("next"; the last chunk takes the previous one's)."""
+@dataclass
+class RenderedChunk:
+    """A chunk of demonstrations rendered for the compiler."""
+
+    sequence: Sequence  # the chunk as the context holds it
+    calibration: list[Sequence]  # each demo re-read on its own (no system turn)
+    pieces: list[Piece]  # the chunk's text, one piece per demo
+    token_origin: list[int]  # per token of `sequence`: the demo (index within the chunk) it belongs to
+
+
+def _calibration(rendered: list[RenderedChunk], k: int, which: str, rows: int) -> tuple[list[Sequence], list[int] | None]:
+    """Calibration rows for chunk k, and the demo (within the chunk) each row must not see, if any:
+    its own demos re-read ("own"); the next chunk's, which it has not seen ("next"; the last chunk
+    takes the previous one's); or up to `rows` of its own demos, evenly spaced, each blind to its own
+    copy ("held-out": each row is then a new item for the rest of the chunk)."""
+    own = rendered[k].calibration
+    if which == "held-out":
+        picked = _evenly_spaced(len(own), rows)
+        return [own[i] for i in picked], picked
     if which == "own" or len(rendered) == 1:
-        return rendered[k][1]
-    return rendered[k + 1][1] if k + 1 < len(rendered) else rendered[k - 1][1]
+        return own, None
+    return (rendered[k + 1] if k + 1 < len(rendered) else rendered[k - 1]).calibration, None
+
+
+def _segments(part: RenderedChunk, chunk_size: int, policy: LayerBudgetPolicy, device) -> torch.Tensor | None:
+    """[L] the budget segment of each token: every chunk_size demos of a whole-context chunk keep their
+    own share of a layer (policy.budget "chunk"); None: one pool."""
+    if policy.scope != "context" or policy.budget != "chunk":
+        return None
+    return torch.tensor(part.token_origin, device=device) // chunk_size
+
+
+def _evenly_spaced(total: int, count: int) -> list[int]:
+    """min(count, total) distinct indices of range(total), spread evenly from the first."""
+    count = min(count, total)
+    return sorted({i * total // count for i in range(count)})
 
 
 def _settings(h: dict, precision: str) -> str:

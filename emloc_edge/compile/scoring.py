@@ -29,6 +29,16 @@ def keep_topk(scores: torch.Tensor, n: int) -> torch.Tensor:
     return top.sort(dim=-1).values
 
 
+def keep_topk_per_segment(scores: torch.Tensor, segment: torch.Tensor, quotas: list[int]) -> torch.Tensor:
+    """Indices [kv, sum(quotas)] of the quotas[s] best-scored tokens of each segment s, per KV head, in
+    context order. scores [kv, L]; segment [L] long, the segment of each token (0 .. len(quotas)-1)."""
+    parts = []
+    for s, quota in enumerate(quotas):
+        where = (segment == s).nonzero()[:, 0]  # [L_s] the segment's tokens
+        parts.append(where[scores[:, where].topk(quota, dim=-1).indices])  # [kv, quota]
+    return torch.cat(parts, -1).sort(dim=-1).values
+
+
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x [kv, L, hd] at per-head token indices [kv, n] -> [kv, n, hd]"""
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))

@@ -25,6 +25,7 @@ class LayerKV:
 
     key: torch.Tensor  # [kv, n, hd]
     value: torch.Tensor  # [kv, n, hd]
+    origin: torch.Tensor | None = None  # [kv, n] long: the demonstration each entry came from (-1: none known)
 
     @classmethod
     def empty(cls, kv_heads: int, head_dim: int, dtype=torch.float32) -> "LayerKV":
@@ -33,8 +34,17 @@ class LayerKV:
     def __len__(self) -> int:
         return self.key.shape[1]
 
-    def extend(self, key: torch.Tensor, value: torch.Tensor) -> "LayerKV":
-        return LayerKV(torch.cat([self.key, key], 1), torch.cat([self.value, value], 1))
+    def extend(self, key: torch.Tensor, value: torch.Tensor, origin: torch.Tensor | None = None) -> "LayerKV":
+        """The memory followed by new entries key, value [kv, m, hd] (origin [kv, m], or none known)."""
+        merged = None
+        if origin is not None or self.origin is not None:
+            merged = torch.cat([_origins(self.origin, self.key), _origins(origin, key)], 1)
+        return LayerKV(torch.cat([self.key, key], 1), torch.cat([self.value, value], 1), merged)
+
+
+def _origins(origin: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor:
+    """origin [kv, n], or -1 (none known) for each of key's [kv, n] entries."""
+    return origin if origin is not None else torch.full(key.shape[:2], -1, dtype=torch.long, device=key.device)
 
 
 @dataclass
@@ -69,10 +79,13 @@ def attend(
     visible: torch.Tensor,
     scaling: float,
     scoring: tuple[torch.Tensor, int] | None = None,
+    blind_to: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of T new tokens over [memory ; new tokens].
 
     q [B, H, T, hd]; k, v [B, kv, T, hd]; memory [kv, n, hd]; visible [B, T, T] bool (query, key).
+    blind_to [B] long: row b does not see memory entries whose origin is blind_to[b] (a demonstration
+    re-read without its own copy in the memory is a held-out item; -1 hides nothing).
     scoring = (query weights [B, T], skip): also return the attention mass each memory entry from
     `skip` on receives, with the softmax taken over [memory[skip:] ; new tokens] only.
     Returns out [B, H, T, hd] and scores [kv, n - skip] or None.
@@ -83,6 +96,9 @@ def attend(
     n = memory.key.shape[1]
     qg = q.float().reshape(B, kv, G * T, hd)  # query heads folded into their KV group (row = g*T + t)
     s_mem = qg @ memory.key.float().transpose(1, 2) * scaling  # [B, kv, G*T, n]
+    if blind_to is not None and memory.origin is not None:
+        own = memory.origin[None, :, None, :] == blind_to[:, None, None, None]  # [B, kv, 1, n]
+        s_mem = s_mem.masked_fill(own & (blind_to >= 0)[:, None, None, None], float("-inf"))
     s_new = qg @ k.float().transpose(2, 3) * scaling  # [B, kv, G*T, T]
     mask = visible[:, None, None].expand(B, 1, G, T, T).reshape(B, 1, G * T, T)
     s_new = s_new.masked_fill(~mask, float("-inf"))
@@ -122,8 +138,10 @@ class RaggedDecoder:
         keep_inputs: bool = False,
         keep_kv: bool = False,
         scoring: Scoring | None = None,
+        blind_to: torch.Tensor | None = None,
     ) -> ForwardOut:
-        """hidden [B, T, D] entering `start_layer`; positions [P, B, T] absolute; valid [B, T] bool."""
+        """hidden [B, T, D] entering `start_layer`; positions [P, B, T] absolute; valid [B, T] bool;
+        blind_to [B]: each row's hidden memory origin (see `attend`)."""
         g = self.geometry
         B, T, _ = hidden.shape
         cos, sin = self.rotary(hidden, positions)
@@ -141,7 +159,7 @@ class RaggedDecoder:
             v = attn.v_proj(x).view(B, T, g.num_kv_heads, g.head_dim).transpose(1, 2)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             score_arg = (scoring.queries, scoring.skip[l]) if scoring is not None else None
-            out, s = attend(q, k, v, memory[l], visible, attn.scaling, score_arg)
+            out, s = attend(q, k, v, memory[l], visible, attn.scaling, score_arg, blind_to)
             hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             if keep_kv:

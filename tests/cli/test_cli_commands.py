@@ -27,7 +27,7 @@ def test_compile_json_summary(llama_memory, llama_dir: Path):
     assert 0 < s["compression"] < 1, "the default delta prunes something"
     assert s["position_offset"] == memory.meta.position_offset > 0
     assert (s["precision"], s["delta"], s["ratios"]) == ("int8", 0.005, [0.1, 0.2, 0.5])
-    assert (s["chunks"], s["demos"]) == (3, 6)
+    assert (s["chunks"], s["demos"]) == (1, 6)  # the default policy searches the whole context at once
     assert s["format_version"] == 1
     assert Path(s["output"]) == path
 
@@ -41,7 +41,7 @@ def test_compile_text_summary(llama_dir: Path, tmp_path: Path, out_dir: Path):
     memory = TaskMemory.load(out)
     m = memory.meta
     text = result.stdout
-    assert f"compiled 4 demos in 2 chunks with {llama_dir.name}" in text
+    assert f"compiled 4 demos in 1 chunk with {llama_dir.name}" in text
     kept = m.kept_tokens_per_layer
     assert f"{m.context_tokens} context tokens -> {sum(kept) / len(kept):.1f} kept per layer" in text
     assert f"min {min(kept)}, max {max(kept)}" in text
@@ -96,7 +96,7 @@ def test_inspect_text(llama_memory, llama_dir: Path):
     rows = {line.split("  ", 1)[0].strip(): line.split("  ", 1)[1].strip() for line in result.stdout.splitlines()}
     assert rows["file"].startswith(str(path)) and "format v1" in rows["file"]
     assert rows["model"] == f"{llama_dir.name} (llama, 4 layers)"
-    assert rows["demos"] == "6 in 3 chunks"
+    assert rows["demos"] == "6 in 1 chunk"
     assert rows["kept per layer"] == " ".join(map(str, s["kept_tokens_per_layer"]))
     assert rows["position offset"] == str(s["position_offset"])
     assert rows["precision"] == "int8"
@@ -112,7 +112,7 @@ def test_append_with_output_grows_a_copy(llama_dir: Path, memory_copy: Path, tmp
     assert result.exit_code == 0, (result.output, result.stderr, result.exception)
     s = strict_json(result.stdout)
     assert memory_copy.read_bytes() == before, "the --append file must stay as it was when -o is given"
-    assert (s["chunks"], s["demos"]) == (len(old.chunks) + 2, old.demos + 3)  # memory's chunk size 2: 2 + 1
+    assert (s["chunks"], s["demos"]) == (len(old.chunks) + 1, old.demos + 3)  # the memory's policy: one chunk
     assert s["context_tokens"] > old.context_tokens
     assert s["position_offset"] > old.position_offset
     assert all(new > o for new, o in zip(s["kept_tokens_per_layer"], old.kept_tokens_per_layer))
@@ -140,7 +140,7 @@ def test_imagefolder_layout_on_qwen2_vl(qwen2_vl_dir: Path, make_images, tmp_pat
     result = cli("compile", demos, "--model", qwen2_vl_dir, "--question", "which animal?", "-o", out, "--json", *FAST)
     assert result.exit_code == 0, (result.output, result.stderr, result.exception)
     s = strict_json(result.stdout)
-    assert (s["demos"], s["chunks"], s["model"]) == (4, 2, qwen2_vl_dir.name)
+    assert (s["demos"], s["chunks"], s["model"]) == (4, 1, qwen2_vl_dir.name)
     assert s["model_family"] == "qwen2_vl"
     assert s["position_offset"] < s["context_tokens"], "M-RoPE: images advance positions by less than their tokens"
     assert s["file_bytes"] == out.stat().st_size
@@ -175,7 +175,7 @@ def test_version():
     assert result.stdout.strip() == f"emloc-edge, version {__version__}"
 
 
-@pytest.mark.parametrize("policy", ["emloc", "emloc-paper", "uniform"])
+@pytest.mark.parametrize("policy", ["emloc-context", "emloc", "emloc-paper", "uniform"])
 def test_compile_policy_and_device(llama_dir: Path, tmp_path: Path, out_dir: Path, policy: str):
     demos = text_demos(tmp_path / "demos", n=4)
     out = out_dir / "t.emloc"

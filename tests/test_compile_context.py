@@ -1,0 +1,255 @@
+"""The whole-context policy (`emloc-context`) and its parts: calibration rows blind to their own copy,
+per-segment budgets, one search over the whole context."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from emloc_edge.compile.compressor import CompileOptions, Compressor, _evenly_spaced
+from emloc_edge.compile.policy import WholeContext
+from emloc_edge.compile.scoring import keep_count, keep_topk_per_segment
+from emloc_edge.models.decoder import LayerKV, attend
+from emloc_edge.models.loading import load_model
+from test_compile import make_demos
+
+
+@pytest.fixture(scope="module")
+def llama(llama_dir):
+    return load_model(llama_dir)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 12), demos=st.integers(1, 4), T=st.integers(1, 4))
+def test_a_blind_row_attends_as_if_its_demo_were_not_in_the_memory(seed, n, demos, T):
+    """Masking a row's own demo equals removing that demo's entries from the memory, for that row."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, kv, hd = 2, 4, 2, 8
+    q, k, v = (torch.randn(B, H, T, hd, generator=g), torch.randn(B, kv, T, hd, generator=g),
+               torch.randn(B, kv, T, hd, generator=g))
+    origin = torch.randint(-1, demos, (n,), generator=g)  # the same per head, so a removal stays rectangular
+    memory = LayerKV(torch.randn(kv, n, hd, generator=g), torch.randn(kv, n, hd, generator=g), origin[None].expand(kv, n))
+    visible = torch.ones(T, T, dtype=torch.bool).tril()[None].expand(B, T, T)
+    blind_to = torch.tensor([0, -1])  # row 0 does not see demo 0; row 1 (-1) sees everything
+    out, _ = attend(q, k, v, memory, visible, 0.3, blind_to=blind_to)
+    keep = origin != 0
+    without = LayerKV(memory.key[:, keep], memory.value[:, keep])
+    expected0, _ = attend(q[:1], k[:1], v[:1], without, visible[:1], 0.3)
+    expected1, _ = attend(q[1:], k[1:], v[1:], LayerKV(memory.key, memory.value), visible[1:], 0.3)
+    assert torch.allclose(out[:1], expected0, atol=1e-6)
+    assert torch.allclose(out[1:], expected1, atol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), sizes=st.lists(st.integers(1, 9), min_size=1, max_size=5), data=st.data())
+def test_per_segment_top_k_is_each_segments_own_top_k(seed, sizes, data):
+    g = torch.Generator().manual_seed(seed)
+    kv = 2
+    segment = torch.cat([torch.full((s,), i) for i, s in enumerate(sizes)])  # [L]
+    scores = torch.rand(kv, len(segment), generator=g)
+    quotas = [data.draw(st.integers(0, s)) for s in sizes]
+    index = keep_topk_per_segment(scores, segment, quotas)  # [kv, sum]
+    assert index.shape == (kv, sum(quotas))
+    assert torch.equal(index, index.sort(-1).values)
+    for h in range(kv):
+        for s, quota in enumerate(quotas):
+            mine = [i for i in index[h].tolist() if segment[i] == s]
+            where = (segment == s).nonzero()[:, 0]
+            best = where[scores[h, where].argsort(descending=True)[:quota]].tolist()
+            assert sorted(mine) == sorted(best)
+
+
+def test_evenly_spaced_rows():
+    assert _evenly_spaced(50, 8) == [0, 6, 12, 18, 25, 31, 37, 43]
+    assert _evenly_spaced(3, 8) == [0, 1, 2]
+    assert _evenly_spaced(5, 1) == [0]
+
+
+def _segment_tokens(adapter, demos, chunk_size: int) -> list[int]:
+    compressor = Compressor(adapter, CompileOptions(chunk_size=chunk_size))
+    return [len(compressor._render_chunk(demos[k : k + chunk_size], with_system=k == 0).sequence.input_ids)
+            for k in range(0, len(demos), chunk_size)]
+
+
+def test_whole_context_is_one_chunk_with_every_segment_at_its_share(llama, tmp_path):
+    """delta = inf: every layer takes the smallest ratio, and every 3 demos keep their own share of it."""
+    demos = make_demos("llama", 7, tmp_path, long=True)
+    options = CompileOptions(delta=float("inf"), ratios=(0.3, 0.6), chunk_size=3, precision="fp32", policy="emloc-context")
+    compressor = Compressor(llama, options)
+    compressor.options.make_policy = lambda: WholeContext(delta=float("inf"), ratios=(0.3, 0.6), budget="chunk",
+                                                          search="greedy")
+    memory = compressor.compile(demos)
+    assert len(memory.meta.chunks) == 1 and memory.meta.chunks[0].demos == 7
+    sizes = _segment_tokens(llama, demos, 3)
+    bounds = np.cumsum([0] + sizes)
+    assert memory.meta.context_tokens == bounds[-1]
+    answers = [3 * 3, 3 * 3, 3]  # 3 answer-span tokens a demo (the tiny tokenizer's one-token answers)
+    for layer in memory.layers:
+        for head in layer.token_index:  # [n] per KV head
+            per_segment = np.histogram(head, bins=bounds)[0].tolist()
+            assert per_segment == [keep_count(0.3, n, a) for n, a in zip(sizes, answers)]
+    assert compressor.stats.requested == llama.geometry.num_layers  # one trial a layer: the first ratio passes
+
+
+def test_one_pool_keeps_the_layers_best_tokens_wherever_they_are(llama, tmp_path):
+    """budget "context" (the default): a layer's count is a share of the whole context, not of each segment."""
+    demos = make_demos("llama", 7, tmp_path, long=True)
+    memory = Compressor(llama, CompileOptions(delta=float("inf"), ratios=(0.3, 0.6), chunk_size=3, precision="fp32",
+                                              policy="emloc-context")).compile(demos)
+    tokens = memory.meta.context_tokens
+    assert all(layer.token_index.shape[1] == keep_count(0.3, tokens, 7 * 3) for layer in memory.layers)
+
+
+def test_whole_context_search_keeps_everything_at_negative_delta(llama, tmp_path):
+    demos = make_demos("llama", 4, tmp_path, long=True)
+    memory = Compressor(llama, CompileOptions(delta=-1.0, chunk_size=2, precision="fp32", policy="emloc-context")).compile(demos)
+    assert memory.meta.compression == 1.0
+
+
+def test_whole_context_final_memory_within_delta(llama, tmp_path):
+    demos = make_demos("llama", 8, tmp_path, long=True)
+    memory = Compressor(llama, CompileOptions(delta=0.005, chunk_size=2, precision="fp32", policy="emloc-context")).compile(demos)
+    assert memory.meta.chunks[0].final_js <= 0.005
+    assert memory.meta.compression < 1.0
+
+
+def test_whole_context_policy_defaults():
+    policy = CompileOptions(policy="emloc-context").make_policy()
+    assert isinstance(policy, WholeContext)
+    assert (policy.scope, policy.budget, policy.calibration, policy.scores_from) == ("context", "context", "held-out", "all")
+    assert (policy.search, policy.calibration_rows, policy.judges_stored) == ("ranked", 8, False)
+
+
+def test_prefill_in_blocks_equals_one_forward(llama, tmp_path):
+    """A whole-context chunk is prefilled a block at a time; the K/V are those of one forward."""
+    from emloc_edge.compile.chunk import ChunkSearch
+
+    demos = make_demos("llama", 3, tmp_path, long=True)
+    compressor = Compressor(llama)
+    rendered = compressor._render_chunk(demos, with_system=True)
+    g = llama.geometry
+    empty = [LayerKV.empty(g.num_kv_heads, g.head_dim) for _ in range(g.num_layers)]
+    with torch.no_grad():
+        search = ChunkSearch(compressor.decoder, empty, llama.embed([rendered.sequence]),
+                             llama.embed(rendered.calibration), 0, "fp32")
+        tokens = search.tokens
+        assert tokens > 20, "test precondition: several blocks"
+        for (k1, v1), (k7, v7) in zip(search._prefill(block=tokens), search._prefill(block=7)):
+            assert torch.allclose(k1, k7, atol=1e-5) and torch.allclose(v1, v7, atol=1e-5)
+
+
+def test_appending_adds_one_chunk_and_keeps_the_old_bytes(llama, tmp_path):
+    demos = make_demos("llama", 8, tmp_path, long=True)
+    options = CompileOptions(delta=0.005, chunk_size=2, precision="int8", policy="emloc-context")
+    first = Compressor(llama, options).compile(demos[:5])
+    grown = Compressor(llama, options).compile(demos[5:], existing=first)
+    assert [c.demos for c in grown.meta.chunks] == [5, 3]
+    for old, new in zip(first.layers, grown.layers):
+        n = old.key_t.shape[-1]
+        assert np.array_equal(new.key_t[..., :n], old.key_t) and np.array_equal(new.token_index[:, :n], old.token_index)
+    assert grown.meta.context_tokens > first.meta.context_tokens
+
+
+class _AdditiveSearch:
+    """A stand-in ChunkSearch whose JS is the sum of each pruned layer's cost: monotone in the steps taken."""
+
+    def __init__(self, costs: dict[tuple[int, float], float], tokens: int = 100) -> None:
+        self.num_layers = 1 + max(layer for layer, _ in costs)
+        self.costs, self.tokens = costs, tokens
+        self.settled: dict[int, float] = {}
+        self.profiles = 0
+
+    def keep_count(self, ratio: float) -> int:
+        return int(ratio * self.tokens)
+
+    def _cost(self, layer: int, count: int) -> float:
+        return 0.0 if count == self.tokens else self.costs[(layer, count / self.tokens)]
+
+    def try_keep(self, layer: int, count: int, delta: float | None = None) -> float:
+        return self._cost(layer, count)
+
+    def try_profile(self, counts: list[int], delta: float | None = None) -> float:
+        self.profiles += 1
+        return sum(self._cost(layer, c) for layer, c in enumerate(counts))
+
+    def settle(self, layer: int, count: int, ratio: float, js: float | None) -> None:
+        self.settled[layer] = ratio
+
+    def measured(self, layer: int) -> None:
+        pass
+
+
+def _ladder_costs(draw_cost, layers: int, ratios: tuple[float, ...]) -> dict:
+    """Per layer, a cost that grows as the ratio shrinks (pruning more never diverges less)."""
+    costs = {}
+    for layer in range(layers):
+        running = 0.0
+        for r in sorted(ratios, reverse=True):
+            running += draw_cost()
+            costs[(layer, r)] = running
+    return costs
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(), layers=st.integers(1, 6), delta=st.floats(0.0, 3.0))
+def test_ranked_search_takes_the_longest_prefix_within_delta(data, layers, delta):
+    """With a monotone JS, bisection finds exactly the longest prefix of the ranked steps within delta,
+    and a larger delta never keeps more tokens."""
+    from emloc_edge.compile.policy import ranked_prefix
+
+    ratios = (0.1, 0.5)
+    costs = _ladder_costs(lambda: data.draw(st.floats(0.0, 1.0)), layers, ratios)
+    search = _AdditiveSearch(costs)
+    chosen = ranked_prefix(search, delta, ratios)
+    assert [search.settled[l] for l in range(layers)] == chosen
+    # the exhaustive answer: walk the same ranked order one step at a time
+    steps = sorted((c, layer, rung, r) for layer in range(layers)
+                   for rung, (r, c) in enumerate((r, costs[(layer, r)]) for r in sorted(ratios, reverse=True)))
+    expected, total = [1.0] * layers, 0.0
+    for cost, layer, _, ratio in steps:
+        step = cost - (costs[(layer, 0.5)] if ratio == 0.1 else 0.0)
+        if total + step > delta:
+            break
+        total, expected[layer] = total + step, ratio
+    assert chosen == expected
+    assert search.profiles <= int(np.ceil(np.log2(len(steps) + 1)))
+    bigger = ranked_prefix(_AdditiveSearch(costs), delta * 1.1 + 1e-9, ratios)
+    assert sum(search.keep_count(r) for r in bigger) <= sum(search.keep_count(r) for r in chosen)
+
+
+def test_ranked_search_on_a_model(llama, tmp_path):
+    """The default search on a model. delta = inf: every layer at the smallest ratio; delta < 0: nothing
+    pruned; in between: within delta, with at most |ratios|·layers + log2 trials."""
+    demos = make_demos("llama", 6, tmp_path, long=True)
+
+    def compile_at(delta: float):
+        compressor = Compressor(llama, CompileOptions(delta=delta, chunk_size=2, precision="fp32"))
+        return compressor.compile(demos), compressor.stats
+
+    whole, _ = compile_at(-1.0)
+    assert whole.meta.compression == 1.0
+    floor = keep_count(0.1, whole.meta.context_tokens, 6 * 3)
+    smallest, _ = compile_at(float("inf"))
+    assert smallest.meta.kept_tokens_per_layer == [floor] * llama.geometry.num_layers
+    middle, stats = compile_at(0.005)
+    assert middle.meta.chunks[0].final_js <= 0.005 * 1.05  # decided on the restricted-vocabulary JS
+    steps = 3 * llama.geometry.num_layers
+    assert stats.requested <= steps + int(np.ceil(np.log2(steps + 1)))
+
+
+def test_progress_counts_each_layer_once(llama, tmp_path):
+    """The ranked search settles every layer at the end; the progress bar moves as it measures them."""
+    demos = make_demos("llama", 4, tmp_path, long=True)
+    events: list[str] = []
+
+    class Recorder:
+        def chunk(self, index: int, total: int, demos: int, layers: int) -> None:
+            events.append("chunk")
+
+        def layer(self) -> None:
+            events.append("layer")
+
+    compressor = Compressor(llama, CompileOptions(delta=0.005, chunk_size=2, precision="fp32"))
+    compressor.compile(demos, progress=Recorder())
+    assert events == ["chunk"] + ["layer"] * llama.geometry.num_layers
