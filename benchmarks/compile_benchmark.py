@@ -10,8 +10,9 @@ Per policy × precision it prints
   - KL(fp32 ‖ int8) at the first answer token between the same kept tokens stored fp32 and int8;
   - the floor the forced answer tokens set (answer tokens / context tokens).
 
-    # warehouse-text on SmolLM2; validation split: the last 10 demos are the queries (tune on this)
-    python benchmarks/compile_benchmark.py --model smollm2 --demos examples/warehouse-text --holdout 10
+    # warehouse-text on SmolLM2; validation items (tune on these)
+    python benchmarks/compile_benchmark.py --model smollm2 --demos examples/warehouse-text \
+        --queries examples/warehouse-text/val.jsonl
     # held-out numbers (report only)
     python benchmarks/compile_benchmark.py --model smollm2 --demos examples/warehouse-text \
         --queries examples/warehouse-text/queries.jsonl

@@ -80,11 +80,11 @@ def test_whole_context_is_one_chunk_with_every_segment_at_its_share(llama, tmp_p
     compressor.options.make_policy = lambda: WholeContext(delta=float("inf"), ratios=(0.3, 0.6), budget="chunk",
                                                           search="greedy")
     memory = compressor.compile(demos)
-    assert len(memory.meta.chunks) == 1 and memory.meta.chunks[0].demos == 7
+    assert [c.demos for c in memory.meta.chunks] == [0, 7]  # the first token's own segment, then every demo
     sizes = _segment_tokens(llama, demos, 3)
     bounds = np.cumsum([0] + sizes)
     assert memory.meta.context_tokens == bounds[-1]
-    answers = [3 * 3, 3 * 3, 3]  # 3 answer-span tokens a demo (the tiny tokenizer's one-token answers)
+    answers = [3 * 3 + 1, 3 * 3, 3]  # 3 answer-span tokens a demo (one-token answers); the first token forced
     for layer in memory.layers:
         for head in layer.token_index:  # [n] per KV head
             per_segment = np.histogram(head, bins=bounds)[0].tolist()
@@ -98,7 +98,7 @@ def test_one_pool_keeps_the_layers_best_tokens_wherever_they_are(llama, tmp_path
     memory = Compressor(llama, CompileOptions(delta=float("inf"), ratios=(0.3, 0.6), chunk_size=3, precision="fp32",
                                               policy="emloc-context")).compile(demos)
     tokens = memory.meta.context_tokens
-    assert all(layer.token_index.shape[1] == keep_count(0.3, tokens, 7 * 3) for layer in memory.layers)
+    assert all(layer.token_index.shape[1] == keep_count(0.3, tokens, 7 * 3 + 1) for layer in memory.layers)
 
 
 def test_whole_context_search_keeps_everything_at_negative_delta(llama, tmp_path):
@@ -110,7 +110,7 @@ def test_whole_context_search_keeps_everything_at_negative_delta(llama, tmp_path
 def test_whole_context_final_memory_within_delta(llama, tmp_path):
     demos = make_demos("llama", 8, tmp_path, long=True)
     memory = Compressor(llama, CompileOptions(delta=0.005, chunk_size=2, precision="fp32", policy="emloc-context")).compile(demos)
-    assert memory.meta.chunks[0].final_js <= 0.005
+    assert memory.meta.chunks[-1].final_js <= 0.005
     assert memory.meta.compression < 1.0
 
 
@@ -144,7 +144,7 @@ def test_appending_adds_one_chunk_and_keeps_the_old_bytes(llama, tmp_path):
     options = CompileOptions(delta=0.005, chunk_size=2, precision="int8", policy="emloc-context")
     first = Compressor(llama, options).compile(demos[:5])
     grown = Compressor(llama, options).compile(demos[5:], existing=first)
-    assert [c.demos for c in grown.meta.chunks] == [5, 3]
+    assert [c.demos for c in grown.meta.chunks] == [0, 5, 3]  # the first token's segment once
     for old, new in zip(first.layers, grown.layers):
         n = old.key_t.shape[-1]
         assert np.array_equal(new.key_t[..., :n], old.key_t) and np.array_equal(new.token_index[:, :n], old.token_index)
@@ -229,11 +229,11 @@ def test_ranked_search_on_a_model(llama, tmp_path):
 
     whole, _ = compile_at(-1.0)
     assert whole.meta.compression == 1.0
-    floor = keep_count(0.1, whole.meta.context_tokens, 6 * 3)
+    floor = keep_count(0.1, whole.meta.context_tokens, 6 * 3 + 1)
     smallest, _ = compile_at(float("inf"))
     assert smallest.meta.kept_tokens_per_layer == [floor] * llama.geometry.num_layers
     middle, stats = compile_at(0.005)
-    assert middle.meta.chunks[0].final_js <= 0.005 * 1.05  # decided on the restricted-vocabulary JS
+    assert middle.meta.chunks[-1].final_js <= 0.005 * 1.05  # decided on the restricted-vocabulary JS
     steps = 3 * llama.geometry.num_layers
     assert stats.requested <= steps + int(np.ceil(np.log2(steps + 1)))
 
@@ -253,3 +253,17 @@ def test_progress_counts_each_layer_once(llama, tmp_path):
     compressor = Compressor(llama, CompileOptions(delta=0.005, chunk_size=2, precision="fp32"))
     compressor.compile(demos, progress=Recorder())
     assert events == ["chunk"] + ["layer"] * llama.geometry.num_layers
+
+
+def test_the_first_token_is_its_own_int8_segment(llama, tmp_path):
+    """A fresh whole-context compile keeps the context's first token in every head of every layer and
+    stores it as segment 0 (its own K scales); the rest of the context is segment 1."""
+    demos = make_demos("llama", 6, tmp_path, long=True)
+    memory = Compressor(llama, CompileOptions(delta=float("inf"), chunk_size=2, precision="int8")).compile(demos)
+    sink, rest = memory.meta.chunks
+    assert (sink.demos, sink.tokens, sink.kept_per_layer) == (0, 1, [1] * llama.geometry.num_layers)
+    assert rest.demos == 6 and sink.tokens + rest.tokens == memory.meta.context_tokens
+    for layer in memory.layers:
+        assert layer.segment_lengths[0] == 1 and (layer.token_index[:, 0] == 0).all()
+        assert layer.key_scale.shape[-1] == 2
+        assert (layer.token_index[:, 1:] > 0).all()

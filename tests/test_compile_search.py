@@ -244,7 +244,8 @@ def test_partial_forcing_keeps_exactly_the_forced_tokens(llama, tmp_path, forces
     from emloc_edge.compile.scoring import FORCED_TOKENS
 
     demos = make_demos("llama", 4, tmp_path)  # short questions: the floor is above 0.1 of the chunk
-    compressor = Compressor(llama, _Judged(delta=math.inf, chunk_size=4, precision="fp32", judging={"forces": forces}))
+    compressor = Compressor(llama, _Judged(delta=math.inf, chunk_size=4, precision="fp32", policy="emloc",
+                                           judging={"forces": forces}))
     memory = compressor.compile(demos)
     seq = compressor._render_chunk(demos, with_system=True).sequence
     answer = torch.tensor(seq.answer_mask)

@@ -285,12 +285,17 @@ def compress_chunk(
     token_origin: torch.Tensor | None = None,
     calib_blind_to: torch.Tensor | None = None,
     segment: torch.Tensor | None = None,
+    keep_first: bool = False,
 ) -> ChunkResult:
     """Search the chunk as `policy` judges it (its forced tokens, JS and scores) and prune it. With
     token_origin [L] and calib_blind_to [B], calibration row b does not see the chunk tokens of
     demonstration calib_blind_to[b] (its own copy): it then reads the chunk as a held-out item would.
-    With segment [L], each segment keeps its own share of every keep count (`keep_topk_per_segment`)."""
+    With segment [L], each segment keeps its own share of every keep count (`keep_topk_per_segment`).
+    keep_first: every layer also keeps the chunk's first token (the context's attention sink)."""
     forced = FORCED_TOKENS[policy.forces](chunk.answer_mask[0])  # [L] bool
+    if keep_first:
+        forced = forced.clone()
+        forced[0] = True
     search = ChunkSearch(decoder, memory, chunk, calib, offset, precision, on_settle, forced,
                          exact_js=policy.exact_js, scores_from=policy.scores_from,
                          token_origin=token_origin, calib_blind_to=calib_blind_to, segment=segment)

@@ -47,6 +47,7 @@ class LayerBudgetPolicy(Protocol):
     # "answer+end": the answer's tokens and its end-of-turn (not the newline opening the turn)
     exact_js: bool  # decide every trial on the exact JS (else on the restricted-vocabulary lower bound)
     scores_from: str  # "answer": the calibration answers' attention scores a chunk's tokens; "all": every calibration token's
+    sink_segment: bool  # a fresh compile keeps the context's first token in every layer, stored as its own segment
 
     def decide(self, search: ChunkSearch) -> None: ...
 
@@ -133,6 +134,7 @@ class GreedyTopDown:
     forces: str = "answer"
     exact_js: bool = True
     scores_from: str = "answer"
+    sink_segment: bool = False
 
     def decide(self, search: ChunkSearch) -> None:
         greedy_top_down(search, self.delta, self.ratios)
@@ -176,6 +178,7 @@ class ProfileVerified:
     forces: str = "answer"
     exact_js: bool = False
     scores_from: str = "all"
+    sink_segment: bool = False
     search_margin: float = 0.5
     profile_window: int = 1  # searches the profile is the per-layer median of
     searched: list[list[float]] = field(default_factory=list, repr=False)  # the last searches' ratios, oldest first
@@ -217,6 +220,7 @@ class UniformRatio:
     forces: str = "answer"
     exact_js: bool = True
     scores_from: str = "answer"
+    sink_segment: bool = False
 
     def decide(self, search: ChunkSearch) -> None:
         for layer in range(search.num_layers):
@@ -255,6 +259,7 @@ class WholeContext:
     forces: str = "answer"
     exact_js: bool = False
     scores_from: str = "all"
+    sink_segment: bool = True
     search: str = "ranked"  # a name in SEARCHES
 
     def decide(self, search: ChunkSearch) -> None:

@@ -27,7 +27,7 @@ def test_compile_json_summary(llama_memory, llama_dir: Path):
     assert 0 < s["compression"] < 1, "the default delta prunes something"
     assert s["position_offset"] == memory.meta.position_offset > 0
     assert (s["precision"], s["delta"], s["ratios"]) == ("int8", 0.005, [0.1, 0.2, 0.5])
-    assert (s["chunks"], s["demos"]) == (1, 6)  # the default policy searches the whole context at once
+    assert (s["chunks"], s["demos"]) == (2, 6)  # the default: the first token's segment, then the whole context
     assert s["format_version"] == 1
     assert Path(s["output"]) == path
 
@@ -41,7 +41,7 @@ def test_compile_text_summary(llama_dir: Path, tmp_path: Path, out_dir: Path):
     memory = TaskMemory.load(out)
     m = memory.meta
     text = result.stdout
-    assert f"compiled 4 demos in 1 chunk with {llama_dir.name}" in text
+    assert f"compiled 4 demos in 2 chunks with {llama_dir.name}" in text
     kept = m.kept_tokens_per_layer
     assert f"{m.context_tokens} context tokens -> {sum(kept) / len(kept):.1f} kept per layer" in text
     assert f"min {min(kept)}, max {max(kept)}" in text
@@ -61,7 +61,7 @@ def test_compile_without_quiet_shows_progress_on_stderr_only(llama_dir: Path, tm
     result = cli("compile", demos, "--model", llama_dir, "-o", out_dir / "p.emloc", "--chunk-size", "2")
     assert result.exit_code == 0, (result.output, result.exception)
     assert "chunk 1/1 (2 demos)" in result.stderr
-    assert "chunk 1/1" not in result.stdout and result.stdout.startswith("compiled 2 demos in 1 chunks")
+    assert "chunk 1/1" not in result.stdout and result.stdout.startswith("compiled 2 demos in 2 chunks")
 
 
 def test_delta_inf_json_is_strict(llama_dir: Path, tmp_path: Path, out_dir: Path):
@@ -96,7 +96,7 @@ def test_inspect_text(llama_memory, llama_dir: Path):
     rows = {line.split("  ", 1)[0].strip(): line.split("  ", 1)[1].strip() for line in result.stdout.splitlines()}
     assert rows["file"].startswith(str(path)) and "format v1" in rows["file"]
     assert rows["model"] == f"{llama_dir.name} (llama, 4 layers)"
-    assert rows["demos"] == "6 in 1 chunk"
+    assert rows["demos"] == "6 in 2 chunks"
     assert rows["kept per layer"] == " ".join(map(str, s["kept_tokens_per_layer"]))
     assert rows["position offset"] == str(s["position_offset"])
     assert rows["precision"] == "int8"
@@ -140,7 +140,7 @@ def test_imagefolder_layout_on_qwen2_vl(qwen2_vl_dir: Path, make_images, tmp_pat
     result = cli("compile", demos, "--model", qwen2_vl_dir, "--question", "which animal?", "-o", out, "--json", *FAST)
     assert result.exit_code == 0, (result.output, result.stderr, result.exception)
     s = strict_json(result.stdout)
-    assert (s["demos"], s["chunks"], s["model"]) == (4, 1, qwen2_vl_dir.name)
+    assert (s["demos"], s["chunks"], s["model"]) == (4, 2, qwen2_vl_dir.name)
     assert s["model_family"] == "qwen2_vl"
     assert s["position_offset"] < s["context_tokens"], "M-RoPE: images advance positions by less than their tokens"
     assert s["file_bytes"] == out.stat().st_size
