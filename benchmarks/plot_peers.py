@@ -3,6 +3,10 @@
 
     python benchmarks/plot_peers.py --eval benchmarks/results/warehouse-text-eval.json \
         --peers benchmarks/results/kvpress-warehouse-text.json -o benchmarks/results/warehouse-text-peers.png
+
+Several --eval reports (the same test items and backend) are merged: a later report's lines and
+references replace an earlier one's of the same name, so a new policy's run can sit beside an older
+run of the others.
 """
 from __future__ import annotations
 
@@ -10,6 +14,9 @@ import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
+
+
+DEFAULT_LINE = "emloc-context-int8"  # drawn thicker: the default policy, stored int8
 
 
 def lines_from_eval(report: dict) -> tuple[dict[str, list], dict[str, float]]:
@@ -40,13 +47,19 @@ def lines_from_peers(peers: dict) -> tuple[dict[str, list], float | None]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--eval", required=True, type=Path, help="emloc-edge eval --json report")
+    ap.add_argument("--eval", required=True, type=Path, nargs="+", help="emloc-edge eval --json report(s)")
     ap.add_argument("--peers", required=True, type=Path, help="kvpress_peers.py --json result")
     ap.add_argument("-o", "--output", required=True, type=Path)
     ap.add_argument("--title", default=None)
     args = ap.parse_args()
-    report, peers = json.loads(args.eval.read_text()), json.loads(args.peers.read_text())
-    ours, references = lines_from_eval(report)
+    reports, peers = [json.loads(p.read_text()) for p in args.eval], json.loads(args.peers.read_text())
+    ours, references = {}, {}
+    for report in reports:  # later reports win
+        lines, refs = lines_from_eval(report)
+        ours.update(lines)
+        references.update(refs)
+    if len({(r["test_items"], r["demos"]) for r in reports}) > 1:
+        raise SystemExit("--eval reports must come from the same demos and test items")
     theirs, peers_full = lines_from_peers(peers)
 
     import matplotlib
@@ -57,7 +70,7 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for name, points in sorted(ours.items()):
         xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker="o", linewidth=2.2 if name.startswith("emloc-int8") else 1.4, label=name)
+        ax.plot(xs, ys, marker="o", linewidth=2.2 if name.startswith(DEFAULT_LINE) else 1.4, label=name)
     colors = {}  # a press's dense-size line takes its press's colour
     for name, points in sorted(theirs.items()):
         xs, ys = zip(*sorted(points))
@@ -73,7 +86,7 @@ def main() -> None:
         ax.axhline(peers_full, linestyle=":", color="black", alpha=0.6, label=f"full context, HF ({peers_full:.3f})")
     ax.set(xlabel="kept fraction of the context (mean over layers and heads)", ylabel="accuracy",
            ylim=(-0.03, 1.03), xlim=(0.05, 0.8),
-           title=args.title or f"{report['model']}: {report['test_items']} test items, {report['demos']} demos")
+           title=args.title or f"{reports[-1]['model']}: {reports[-1]['test_items']} test items, {reports[-1]['demos']} demos")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()

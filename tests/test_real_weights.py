@@ -80,6 +80,7 @@ def test_emloc_memory_keeps_in_context_accuracy(smollm2, memories):
     assert acc_full >= 0.8, "SmolLM2 learns this task in context (0.90 measured with plain transformers)"
     # emloc (profile verified per chunk, 2026-12-03): 0.850 keeping 61.8% (emloc-paper: 0.725 at 49.6%);
     # scores from every calibration token (later that day): 0.825 keeping 63.5%.
+    # emloc-context (whole context, ranked search, 2026-12-06): 0.800 keeping 44.0%.
     assert acc_emloc >= 0.75, "most of the in-context gain must survive compression (chance 0.2)"
     kept = emloc.meta.kept_tokens_per_layer
     assert emloc.meta.compression < 0.7, kept
@@ -139,7 +140,9 @@ def test_int8_storage_is_faithful_and_decisions_do_not_hinge_on_it(smollm2, memo
         r = query_logits(smollm2, kv8, offset, q.question).float().log_softmax(-1)
         kls.append(float((p.exp() * (p - r)).sum()))
     print(f"\nKL(fp32 || int8) at the first answer token: mean {statistics.mean(kls):.2e}, max {max(kls):.2e}")
-    assert statistics.mean(kls) <= 1.2e-3, kls  # measured 9.9e-4 over the 40 queries (target 1e-3)
+    # measured 4.7e-4 over the 40 queries (emloc-context, the first token its own segment; 2.1e-3 with one
+    # K scale over the whole context; chunk-wise emloc 9.4e-4)
+    assert statistics.mean(kls) <= 1e-3, kls
 
 
 def test_quantized_runtime_agrees_with_fp32_on_top1(smollm2, exports, emloc_fp32, tmp_path):
@@ -169,16 +172,21 @@ def test_quantized_runtime_agrees_with_fp32_on_top1(smollm2, exports, emloc_fp32
     assert rates["int4"] >= 0.85  # reported; int4 weights are expected to drift more
 
 
+@pytest.fixture(scope="module")
+def chunkwise_int8(smollm2):
+    """The chunk-wise policy's int8 memory: one K scale per channel per chunk, 13 chunks."""
+    return Compressor(smollm2, CompileOptions(policy="emloc")).compile(load_demos(TASK))
+
+
 @pytest.mark.parametrize("weights", ["fp32", "int8"])
-def test_int8_memory_inputs_equal_the_dequantized_memory(smollm2, exports, weights, tmp_path):
+def test_int8_memory_inputs_equal_the_dequantized_memory(chunkwise_int8, exports, weights, tmp_path):
     """A chunk-wise int8 memory (one K scale per channel per chunk, 13 chunks) kept int8 on the device gives the
     logits of the same memory dequantized at load, prefill and every answer token (<= 1e-5 relative)."""
     import numpy as np
 
     from emloc_edge.runtime.session import EdgeSession
 
-    # chunk-wise (the default searches the whole context as one chunk): one K scale per chunk, 13 chunks
-    emloc = Compressor(smollm2, CompileOptions(policy="uniform", ratios=(0.5,))).compile(load_demos(TASK))
+    emloc = chunkwise_int8
     assert emloc.meta.precision == "int8" and len(emloc.meta.chunks) > 1
     emloc.save(tmp_path / "emloc.emloc")
     q8 = EdgeSession(exports / weights, tmp_path / "emloc.emloc", provider="cpu", max_new_tokens=8)

@@ -24,8 +24,8 @@ from test_tiny_vlm import QUESTION, image_demos
 
 MEMORIES = {  # name -> compile options; the three variants a server meets
     "full": dict(delta=-1.0, chunk_size=2, precision="fp32"),
-    "int8one": dict(delta=0.005, chunk_size=6, precision="int8"),
-    "int8chunks": dict(delta=0.005, chunk_size=2, precision="int8"),
+    "int8one": dict(delta=0.005, chunk_size=6, precision="int8", policy="emloc"),  # chunk-wise: one chunk
+    "int8chunks": dict(delta=0.005, chunk_size=2, precision="int8", policy="emloc"),
 }
 
 
