@@ -55,6 +55,22 @@ class LayerBudgetPolicy(Protocol):
         """Continue after the chunks of an existing memory (their accepted ratios, oldest first)."""
 
 
+@dataclass
+class Judging:
+    """How a policy wants its chunks judged (see `LayerBudgetPolicy`); the defaults are the paper's,
+    and each policy below changes only what it does differently."""
+
+    judges_stored: bool = True
+    calibration: str = "own"
+    calibration_rows: int = 8
+    scope: str = "chunk"
+    budget: str = "chunk"
+    forces: str = "answer"
+    exact_js: bool = True
+    scores_from: str = "answer"
+    sink_segment: bool = False
+
+
 def greedy_top_down(search: ChunkSearch, delta: float, ratios: tuple[float, ...]) -> list[float]:
     """The paper's search: layers from the top down, each at the smallest ratio within delta; returns
     the ratio settled per layer. Identical candidates (two ratios giving one count) are measured once."""
@@ -115,7 +131,7 @@ SEARCHES = {"greedy": greedy_top_down, "ranked": ranked_prefix}
 
 
 @dataclass
-class GreedyTopDown:
+class GreedyTopDown(Judging):
     """EMLoC as in the authors' code: every chunk searched afresh, top-down, smallest ratio within delta.
 
     The test is cumulative: a candidate is judged with every higher layer already pruned as decided,
@@ -126,15 +142,6 @@ class GreedyTopDown:
     name: ClassVar[str] = "emloc-paper"
     delta: float = 0.005
     ratios: tuple[float, ...] = (0.1, 0.2, 0.5)
-    judges_stored: bool = True
-    calibration: str = "own"
-    calibration_rows: int = 8
-    scope: str = "chunk"
-    budget: str = "chunk"
-    forces: str = "answer"
-    exact_js: bool = True
-    scores_from: str = "answer"
-    sink_segment: bool = False
 
     def decide(self, search: ChunkSearch) -> None:
         greedy_top_down(search, self.delta, self.ratios)
@@ -144,7 +151,7 @@ class GreedyTopDown:
 
 
 @dataclass
-class ProfileVerified:
+class ProfileVerified(Judging):
     """EMLoC v2 (chunk-wise): the paper's search learns a per-layer ratio profile on the first chunk; every later chunk
     is verified with one trial of that profile (all layers pruned at once, within delta) and searched
     afresh only if it fails, its result becoming the new profile.
@@ -171,14 +178,8 @@ class ProfileVerified:
     delta: float = 0.005
     ratios: tuple[float, ...] = (0.1, 0.2, 0.5)
     judges_stored: bool = False
-    calibration: str = "own"
-    calibration_rows: int = 8
-    scope: str = "chunk"
-    budget: str = "chunk"
-    forces: str = "answer"
     exact_js: bool = False
     scores_from: str = "all"
-    sink_segment: bool = False
     search_margin: float = 0.5
     profile_window: int = 1  # searches the profile is the per-layer median of
     searched: list[list[float]] = field(default_factory=list, repr=False)  # the last searches' ratios, oldest first
@@ -207,20 +208,12 @@ class ProfileVerified:
 
 
 @dataclass
-class UniformRatio:
+class UniformRatio(Judging):
     """Baseline (SnapKV-style): the same scores, one fixed ratio in every layer, no divergence test."""
 
     name: ClassVar[str] = "uniform"
     ratio: float = 0.2
     judges_stored: bool = False
-    calibration: str = "own"
-    calibration_rows: int = 8
-    scope: str = "chunk"
-    budget: str = "chunk"
-    forces: str = "answer"
-    exact_js: bool = True
-    scores_from: str = "answer"
-    sink_segment: bool = False
 
     def decide(self, search: ChunkSearch) -> None:
         for layer in range(search.num_layers):
@@ -231,7 +224,7 @@ class UniformRatio:
 
 
 @dataclass
-class WholeContext:
+class WholeContext(Judging):
     """EMLoC v3, the default: one search and one budget over the whole context. Every demonstration is
     prefilled as one chunk, and a layer's keep count is a share of the whole context, spent on its
     best-scored tokens wherever they are; delta bounds the JS of the finished memory, not of each chunk
@@ -253,10 +246,8 @@ class WholeContext:
     ratios: tuple[float, ...] = (0.1, 0.2, 0.5)
     judges_stored: bool = False
     calibration: str = "held-out"
-    calibration_rows: int = 8
     scope: str = "context"
     budget: str = "context"
-    forces: str = "answer"
     exact_js: bool = False
     scores_from: str = "all"
     sink_segment: bool = True
