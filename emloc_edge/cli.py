@@ -289,7 +289,7 @@ def _inspect_text(path: Path, s: dict) -> str:
         ("kept per layer", " ".join(str(k) for k in kept)),
         ("position offset", str(s["position_offset"])),
         ("precision", s["precision"]),
-        ("settings", f"delta {s['delta']}, ratios {s['ratios']}, chunk size {s.get('chunk_size')}"),
+        ("settings", f"policy {s.get('policy')}, delta {s['delta']}, ratios {s['ratios']}, chunk size {s.get('chunk_size')}"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

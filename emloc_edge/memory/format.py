@@ -227,6 +227,7 @@ class TaskMemory:
                                           "head_dim", "context_tokens", "kept_tokens_per_layer", "compression",
                                           "position_offset", "position_dims", "precision")},
             "delta": _float_out(hp["delta"]), "ratios": list(hp["ratios"]), "chunk_size": hp["chunk_size"],
+            "policy": hp.get("policy"),  # None in files written before policies were recorded
             "chunks": len(m.chunks), "chunk_details": json.loads(m.to_json())["chunks"],
             "demos": m.demos, "file_bytes": file_bytes,
         }
