@@ -147,7 +147,7 @@ class ChunkSearch:
             for l, (k, v) in enumerate(out.new_kv):
                 keys[l].append(k[0])
                 values[l].append(v[0])
-                memory[l] = LayerKV(torch.cat([memory[l].key, k[0]], 1), torch.cat([memory[l].value, v[0]], 1))
+                memory[l] = memory[l].extend(k[0], v[0])
         return [(torch.cat(k, 1), torch.cat(v, 1)) for k, v in zip(keys, values)]
 
     # --- the protocol -----------------------------------------------------------------------------

@@ -113,7 +113,8 @@ class Compressor:
             result = compress_chunk(
                 self.decoder, working, chunk, calib,
                 offset, policy, judge_precision, demos=len(chunks[k]), on_settle=progress.layer,
-                token_origin=torch.tensor(part.token_origin, device=dev) + first_demo,
+                # origins only where a calibration row is blind to its own copy: else nothing reads them
+                token_origin=None if blind_to is None else torch.tensor(part.token_origin, device=dev) + first_demo,
                 calib_blind_to=None if blind_to is None else torch.tensor(blind_to, device=dev) + first_demo,
                 segment=_segments(part, self.options.chunk_size, policy, dev),
                 keep_first=(sink := policy.sink_segment and first and k == 0),
