@@ -11,7 +11,7 @@ head, or for policies that allow it on the teacher's relevant vocabulary (restri
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -75,56 +75,84 @@ class _Choice:
     stored: LayerKV  # memory_l extended by the kept tokens (round-tripped when judged as stored)
 
 
-@dataclass
 class ChunkSearch:
-    """State of one chunk's search; implements the `ChunkSearch` protocol policies use."""
+    """State of one chunk's search; implements the `ChunkSearch` protocol policies use.
+
+    Built in `__init__`: the chunk's prefill against the frozen memory and the calibration pass (the
+    teacher) are run once, and every trial afterwards starts from them."""
 
     decoder: RaggedDecoder
-    memory: list[LayerKV]
+    memory: list[LayerKV]  # per layer, frozen: what earlier chunks stored
     chunk: Batch  # one row, no padding
     calib: Batch  # calibration demonstrations, one row each, right-padded
     offset: int  # position the chunk starts at
     precision: str  # candidates are round-tripped through this storage precision ("fp32": judged as computed)
-    on_settle: Callable[[], None] = lambda: None  # progress tick per settled layer
-    forced: torch.Tensor | None = None  # [L] bool tokens every layer keeps (default: the chunk's answer tokens)
-    exact_js: bool = True  # decide on the exact JS (the whole head); else on the restricted-vocabulary JS
-    scores_from: str = "answer"  # whose attention scores the chunk's tokens: the calibration answers', or "all" tokens'
-    token_origin: torch.Tensor | None = None  # [L] long: the demonstration each chunk token belongs to
-    calib_blind_to: torch.Tensor | None = None  # [B] long: the demonstration each calibration row must not see
-    segment: torch.Tensor | None = None  # [L] long: budget segments, each keeping its own share of a layer's count
-    num_layers: int = field(init=False)
+    on_settle: Callable[[], None]  # progress tick per settled (or measured) layer
+    exact_js: bool  # decide on the exact JS (the whole head); else on the restricted-vocabulary JS
+    token_origin: torch.Tensor | None  # [L] long: the demonstration each chunk token belongs to
+    calib_blind_to: torch.Tensor | None  # [B] long: the demonstration each calibration row must not see
+    segment: torch.Tensor | None  # [L] long: budget segments, each keeping its own share of a layer's count
+    num_layers: int
+    tokens: int  # L, the chunk's tokens
+    answers: int  # tokens every layer keeps (forced)
+    span: int  # positions the chunk occupies
+    chunk_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer ([kv, L, hd], [kv, L, hd]), rotated
+    calib_positions: torch.Tensor  # [P, B, T] absolute positions of the calibration rows
+    layer_inputs: list[torch.Tensor]  # h_l [B, T, D] entering layer l in the teacher pass
+    head: RestrictedHead  # the LM head, with the teacher's answer distributions
+    importance: list[torch.Tensor]  # per layer [kv, L] smoothed scores (forced tokens +inf)
+    working: list[LayerKV]  # per layer: memory + the chunk as settled so far (unsettled: whole)
+    settled: dict[int, tuple[_Choice, float, float | None]]  # layer -> (choice, ratio, js)
+    stats: TrialStats
 
-    def __post_init__(self) -> None:
-        self.num_layers = self.decoder.geometry.num_layers
-        d = self.decoder
+    def __init__(
+        self,
+        decoder: RaggedDecoder,
+        memory: list[LayerKV],
+        chunk: Batch,
+        calib: Batch,
+        offset: int,
+        precision: str,
+        on_settle: Callable[[], None] = lambda: None,
+        forced: torch.Tensor | None = None,  # [L] bool tokens every layer keeps (default: the chunk's answer tokens)
+        exact_js: bool = True,
+        scores_from: str = "answer",  # whose attention scores the chunk's tokens: "answer" or "all" calibration tokens
+        token_origin: torch.Tensor | None = None,
+        calib_blind_to: torch.Tensor | None = None,
+        segment: torch.Tensor | None = None,
+    ) -> None:
+        self.decoder, self.memory, self.chunk, self.calib = decoder, memory, chunk, calib
+        self.offset, self.precision, self.on_settle, self.exact_js = offset, precision, on_settle, exact_js
+        self.token_origin, self.calib_blind_to, self.segment = token_origin, calib_blind_to, segment
+        self.num_layers = decoder.geometry.num_layers
         # 1. Prefill the chunk against the frozen memory, keeping its own K/V (rotated at their positions).
-        self.chunk_kv = self._prefill()  # per layer ([kv, L, hd], [kv, L, hd])
-        self.tokens = self.chunk.input_ids.shape[1]
-        forced = self.chunk.answer_mask[0] if self.forced is None else self.forced  # [L]
+        self.chunk_kv = self._prefill()
+        self.tokens = chunk.input_ids.shape[1]
+        forced = chunk.answer_mask[0] if forced is None else forced  # [L]
         self.answers = int(forced.sum())
         self._quotas: dict[int, list[int]] = {}  # keep count -> per-segment counts (with segments)
-        if self.segment is not None:
-            self._segment_tokens = torch.bincount(self.segment).tolist()
-            self._segment_forced = torch.bincount(self.segment, weights=forced.double()).long().tolist()
-        self.span = int(self.chunk.next_position[0])
-        full = [m.extend(k, v, self._origin_of(None, k)) for m, (k, v) in zip(self.memory, self.chunk_kv)]
+        if segment is not None:
+            self._segment_tokens = torch.bincount(segment).tolist()
+            self._segment_forced = torch.bincount(segment, weights=forced.double()).long().tolist()
+        self.span = int(chunk.next_position[0])
+        full = [m.extend(k, v, self._origin_of(None, k)) for m, (k, v) in zip(memory, self.chunk_kv)]
 
         # 2. Calibration pass: the calibration demos fed right after the chunk, attending to [memory ; chunk].
-        self.calib_positions = self.calib.position_ids + self.offset + self.span
-        teacher = d.forward(
-            self.calib.inputs_embeds, self.calib_positions, self.calib.attention_mask, full, keep_inputs=True,
-            scoring=Scoring(SCORING_TOKENS[self.scores_from](self.calib), [len(m) for m in self.memory]),
-            blind_to=self.calib_blind_to,
+        self.calib_positions = calib.position_ids + offset + self.span
+        teacher = decoder.forward(
+            calib.inputs_embeds, self.calib_positions, calib.attention_mask, full, keep_inputs=True,
+            scoring=Scoring(SCORING_TOKENS[scores_from](calib), [len(m) for m in memory]),
+            blind_to=calib_blind_to,
         )
         self.layer_inputs = teacher.layer_inputs  # h_l entering layer l: exact while layers < l are unpruned
-        head = d.stack.lm_head
+        head = decoder.stack.lm_head
         if getattr(head, "bias", None) is not None:
             raise NotImplementedError("an LM head with a bias")  # no supported family has one
-        self.head = RestrictedHead(head.weight, d.stack.norm(teacher.hidden[self.calib.answer_mask]))
+        self.head = RestrictedHead(head.weight, decoder.stack.norm(teacher.hidden[calib.answer_mask]))
         self.importance = [smooth_scores(s, forced) for s in teacher.scores]  # per layer [kv, L]
 
         self.working = list(full)  # layers settle one by one; unsettled layers keep the whole chunk
-        self.settled: dict[int, tuple[_Choice, float, float | None]] = {}
+        self.settled = {}
         self._choices: dict[tuple[int, int], _Choice] = {}
         self._outputs: dict[tuple, torch.Tensor] = {}  # trial key -> normed final hidden at answer positions
         self._exact: dict[tuple, float] = {}
