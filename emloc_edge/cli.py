@@ -19,7 +19,7 @@ from .cli_common import (  # noqa: F401  (EXIT_*, FLAGS, _one_line: part of the 
     model_option,
 )
 from .cli_serving import eval_command, serve
-from .compile.policy import POLICIES
+from .compile.policy import FORCES, POLICIES
 from .textout import human_size as _size
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,13 +55,19 @@ def main() -> None:
 @click.option("--policy", type=click.Choice(list(POLICIES)), default=None,
               help="Layer budget policy [default: emloc-context, one search and one budget over the whole "
                    "context; emloc: chunk-wise; emloc-paper: the authors' search; uniform: one ratio].")
+@click.option("--forced", type=click.Choice(FORCES), default=None,
+              help="Answer-span tokens every layer keeps [default: answer, the whole span: the newline opening "
+                   "the turn, the answer, the end-of-turn; answer+end: without the newline; content: the answer's "
+                   "own tokens only, smaller memories where the task allows: check on a validation split].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the compiler runs (torch); auto: CUDA when torch sees a GPU.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @json_option
 @handle_errors
-def compile(demos_dir, model, output, delta, ratios, chunk_size, precision, append, question, policy, device, quiet,
-            as_json) -> None:
+def compile(demos_dir: Path, model: str | None, output: Path | None, delta: float | None,
+            ratios: tuple[float, ...] | None, chunk_size: int | None, precision: str | None, append: Path | None,
+            question: str | None, policy: str | None, forced: str | None, device: str, quiet: bool,
+            as_json: bool) -> None:
     """Compress the demonstrations in DEMOS_DIR into a task memory file.
 
     DEMOS_DIR holds demos.jsonl ({"image", "question", "answer"} per line) or one folder per answer
@@ -77,6 +83,7 @@ def compile(demos_dir, model, output, delta, ratios, chunk_size, precision, appe
         memory: TaskMemory = compile_memory(
             demos_dir, model, output=output, delta=delta, ratios=ratios, chunk_size=chunk_size,
             precision=precision, append=append, question=question, progress=bar, policy=policy, device=device,
+            forced=forced,
         )
     summary = memory.summary(file_bytes=output.stat().st_size)
     summary.update(output=str(output), seconds=round(time.perf_counter() - started, 2))
@@ -278,6 +285,11 @@ def _compile_text(s: dict) -> str:
     ])
 
 
+def _forced_text(s: dict) -> str:
+    """', forced answer+end' when the memory was compiled with a non-default forced-token set."""
+    return f", forced {s['forced']}" if s.get("forced") else ""
+
+
 def _inspect_text(path: Path, s: dict) -> str:
     kept = s["kept_tokens_per_layer"]
     rows = [
@@ -289,7 +301,7 @@ def _inspect_text(path: Path, s: dict) -> str:
         ("kept per layer", " ".join(str(k) for k in kept)),
         ("position offset", str(s["position_offset"])),
         ("precision", s["precision"]),
-        ("settings", f"policy {s.get('policy')}, delta {s['delta']}, ratios {s['ratios']}, chunk size {s.get('chunk_size')}"),
+        ("settings", f"policy {s.get('policy')}{_forced_text(s)}, delta {s['delta']}, ratios {s['ratios']}, chunk size {s.get('chunk_size')}"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -17,7 +17,7 @@ FINGERPRINT = "ab" * 32
 SUMMARY_KEYS = {
     "format_version", "model", "model_family", "model_fingerprint", "num_layers", "num_kv_heads", "head_dim",
     "context_tokens", "kept_tokens_per_layer", "compression", "position_offset", "position_dims", "precision",
-    "delta", "ratios", "chunk_size", "policy", "chunks", "chunk_details", "demos", "file_bytes",
+    "delta", "ratios", "chunk_size", "policy", "forced", "chunks", "chunk_details", "demos", "file_bytes",
 }
 
 

@@ -26,6 +26,7 @@ def compile_memory(
     progress: Progress | None = None,
     policy: str | None = None,
     device: str = "auto",
+    forced: str | None = None,
 ) -> TaskMemory:
     """Compress demonstrations into an EMLoC task memory (and save it to `output` if given).
 
@@ -33,7 +34,9 @@ def compile_memory(
     model: a local HF model folder, a .gguf file, or an adapter from `load_model`.
     policy: a name in `emloc_edge.compile.policy.POLICIES` ("emloc-context", the default: one search
     and one budget over the whole context; "emloc": chunk-wise, a profile verified per chunk;
-    "emloc-paper", the authors' search; "uniform"). device: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda".
+    "emloc-paper", the authors' search; "uniform"). forced: which answer-span tokens every layer keeps
+    ("answer": the whole span, the default; "answer+end": without the newline opening the turn;
+    "content": the answer's own tokens only; see README "Which answer-span tokens must be kept"). device: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda".
     Options left as None take the defaults, or with `append` the existing memory's own
     settings; `append` compresses the demos as further chunks of that memory file, whose earlier
     chunks stay bit-identical.
@@ -46,13 +49,14 @@ def compile_memory(
     if where is not None:
         demos = load_demos(where, question=question)
     existing = TaskMemory.load(append) if append is not None else None
-    base = _settings_of(existing) if existing is not None else CompileOptions()
+    base = _settings_of(existing, append) if existing is not None else CompileOptions()
     options = CompileOptions(
         delta=base.delta if delta is None else delta,
         ratios=base.ratios if ratios is None else tuple(ratios),
         chunk_size=base.chunk_size if chunk_size is None else chunk_size,
         precision=base.precision if precision is None else precision,
         policy=base.policy if policy is None else policy,
+        forced=base.forced if forced is None else forced,
     )
     if existing is not None:
         _check_same_settings(base, options, append)
@@ -80,8 +84,8 @@ def compile_memory(
 
 def _check_same_settings(memory: CompileOptions, given: CompileOptions, path: str | Path) -> None:
     """Appending keeps the memory's own settings; name the memory file and each option that differs."""
-    fields = ("delta", "ratios", "chunk_size", "precision", "policy")
-    show = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else str(v)  # noqa: E731
+    fields = ("delta", "ratios", "chunk_size", "precision", "policy", "forced")
+    show = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else "default" if v is None else str(v)  # noqa: E731
     diff = [f"{f} {show(getattr(memory, f))} (given {show(getattr(given, f))})"
             for f in fields if getattr(memory, f) != getattr(given, f)]
     if diff:
@@ -96,9 +100,14 @@ def _check_output(output: Path) -> None:
         raise BadInputError(f"{output}: output folder {output.parent} does not exist")
 
 
-def _settings_of(memory: TaskMemory) -> CompileOptions:
+def _settings_of(memory: TaskMemory, path: str | Path) -> CompileOptions:
+    """The settings `memory` (read from `path`) was compiled with; a file whose settings no compile
+    accepts (e.g. an unknown policy) is named in the error."""
     h = memory.meta.hyperparameters
-    return CompileOptions(
-        delta=h["delta"], ratios=tuple(h["ratios"]), chunk_size=h["chunk_size"],
-        precision=memory.meta.precision, policy=h.get("policy", "emloc"),
-    )
+    try:
+        return CompileOptions(
+            delta=h["delta"], ratios=tuple(h["ratios"]), chunk_size=h["chunk_size"],
+            precision=memory.meta.precision, policy=h.get("policy", "emloc"), forced=h.get("forced"),
+        )
+    except BadInputError as e:
+        raise BadInputError(f"{path}: its settings: {e}") from None

@@ -18,7 +18,7 @@ from .chunk import ChunkResult, TrialStats, compress_chunk
 from .demos import Demo
 from .device import DeviceDecoder, resolve_device, to_device
 from .query import memory_kv
-from .policy import DEFAULT_POLICY, POLICIES, LayerBudgetPolicy, make_policy, validate_ratios
+from .policy import DEFAULT_POLICY, FORCES, POLICIES, LayerBudgetPolicy, make_policy, validate_ratios
 
 
 @dataclass
@@ -32,6 +32,7 @@ class CompileOptions:
     chunk_size: int = 4  # demonstrations per chunk (policies of scope "chunk")
     precision: str = "int8"  # how the memory file stores K/V: int8 | fp16 | fp32
     policy: str = DEFAULT_POLICY  # a name in POLICIES: "emloc-context", "emloc", "emloc-paper" or "uniform" (ratios[0] everywhere)
+    forced: str | None = None  # answer-span tokens every layer keeps, one of FORCES (None: the policy's own, "answer")
 
     def __post_init__(self) -> None:
         if math.isnan(self.delta):
@@ -44,12 +45,18 @@ class CompileOptions:
                                 parameters="precision")
         if self.policy not in POLICIES:
             raise BadInputError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.forced is not None and self.forced not in FORCES:
+            raise BadInputError(f"forced must be one of {', '.join(FORCES)}, got {self.forced!r}", parameters="forced")
 
     def make_policy(self) -> LayerBudgetPolicy:
-        return make_policy(self.policy, self.delta, self.ratios)
+        policy = make_policy(self.policy, self.delta, self.ratios)
+        if self.forced is not None:
+            policy.forces = self.forced
+        return policy
 
     def hyperparameters(self) -> dict:
-        return {"delta": self.delta, "ratios": list(self.ratios), "chunk_size": self.chunk_size, "policy": self.policy}
+        given = {"forced": self.forced} if self.forced is not None else {}  # absent: the policy's own (older files too)
+        return {"delta": self.delta, "ratios": list(self.ratios), "chunk_size": self.chunk_size, "policy": self.policy, **given}
 
 
 class Progress(Protocol):

@@ -16,6 +16,11 @@ from typing import ClassVar, Protocol
 from ..errors import BadInputError
 
 
+# which answer-span tokens every layer keeps (scoring.FORCED_TOKENS implements each): the whole span
+# (opening newline, answer, end-of-turn; the paper's), the answer and its end-of-turn, or the answer only
+FORCES = ("answer", "answer+end", "content")
+
+
 class ChunkSearch(Protocol):
     num_layers: int
 

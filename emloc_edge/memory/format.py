@@ -228,6 +228,7 @@ class TaskMemory:
                                           "position_offset", "position_dims", "precision")},
             "delta": _float_out(hp["delta"]), "ratios": list(hp["ratios"]), "chunk_size": hp["chunk_size"],
             "policy": hp.get("policy"),  # None in files written before policies were recorded
+            "forced": hp.get("forced"),  # None: the policy's own forced tokens (the whole answer span)
             "chunks": len(m.chunks), "chunk_details": json.loads(m.to_json())["chunks"],
             "demos": m.demos, "file_bytes": file_bytes,
         }

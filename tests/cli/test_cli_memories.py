@@ -78,11 +78,11 @@ def test_append_memory_of_another_model(tiny_model_dir, llama_dir: Path, tmp_pat
         assert foreign.read_bytes() == before
 
 
-SETTINGS = {"--delta": "0.005", "--chunk-size": "2", "--precision": "int8", "--ratios": "0.1,0.2,0.5"}
+SETTINGS = {"--delta": "0.005", "--chunk-size": "2", "--precision": "int8", "--ratios": "0.1,0.2,0.5", "--forced": "default"}
 
 
 @pytest.mark.parametrize("option, value", [
-    ("--delta", "0.01"), ("--chunk-size", "3"), ("--precision", "fp32"), ("--ratios", "0.2,0.5"),
+    ("--delta", "0.01"), ("--chunk-size", "3"), ("--precision", "fp32"), ("--ratios", "0.2,0.5"), ("--forced", "content"),
 ])
 @pytest.mark.parametrize("with_output", [True, False])
 def test_append_with_conflicting_settings(option, value, with_output, llama_dir: Path, memory_copy: Path,
