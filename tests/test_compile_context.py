@@ -118,7 +118,7 @@ def test_whole_context_policy_defaults():
     policy = CompileOptions(policy="emloc-context").make_policy()
     assert isinstance(policy, WholeContext)
     assert (policy.scope, policy.budget, policy.calibration, policy.scores_from) == ("context", "context", "held-out", "all")
-    assert (policy.search, policy.calibration_rows, policy.judges_stored) == ("ranked", 8, False)
+    assert (policy.search, policy.calibration_rows, policy.ranking_rows, policy.judges_stored) == ("ranked", 8, 4, False)
 
 
 def test_prefill_in_blocks_equals_one_forward(llama, tmp_path):
@@ -267,3 +267,30 @@ def test_the_first_token_is_its_own_int8_segment(llama, tmp_path):
         assert layer.segment_lengths[0] == 1 and (layer.token_index[:, 0] == 0).all()
         assert layer.key_scale.shape[-1] == 2
         assert (layer.token_index[:, 1:] > 0).all()
+
+
+def test_ranking_rows_judge_single_layer_trials_on_those_rows_and_profiles_on_all(llama, tmp_path):
+    """ranking_rows = k: try_keep measures the JS of the k evenly spaced rows alone (as a search calibrated on
+    those rows only would, the same tokens kept), try_profile that of every row."""
+    from emloc_edge.compile.chunk import ChunkSearch
+
+    demos = make_demos("llama", 6, tmp_path, long=True)
+    compressor = Compressor(llama)
+    rendered = compressor._render_chunk(demos, with_system=True)
+    g = llama.geometry
+    empty = [LayerKV.empty(g.num_kv_heads, g.head_dim) for _ in range(g.num_layers)]
+    chunk, rows = llama.embed([rendered.sequence]), rendered.calibration
+    assert len(rows) == 6, "test precondition"
+    with torch.no_grad():
+        ranked = ChunkSearch(compressor.decoder, empty, chunk, llama.embed(rows), 0, "fp32", ranking_rows=2)
+        subset = ranked.ranking[0].tolist()
+        assert subset == [0, 5]
+        alone = ChunkSearch(compressor.decoder, empty, chunk, llama.embed([rows[i] for i in subset]), 0, "fp32")
+        every = ChunkSearch(compressor.decoder, empty, chunk, llama.embed(rows), 0, "fp32")
+        alone.importance = every.importance = ranked.importance  # the same tokens kept at every count
+        count = ranked.keep_count(0.2)
+        for layer in (0, g.num_layers - 1):
+            assert ranked.try_keep(layer, count) == pytest.approx(alone.try_keep(layer, count), rel=1e-4, abs=1e-8)
+            assert ranked.try_keep(layer, count) != pytest.approx(every.try_keep(layer, count), rel=1e-3)
+        profile = [count] * g.num_layers
+        assert ranked.try_profile(profile) == pytest.approx(every.try_profile(profile), rel=1e-5, abs=1e-9)

@@ -100,6 +100,7 @@ class ChunkSearch:
     calib_positions: torch.Tensor  # [P, B, T] absolute positions of the calibration rows
     layer_inputs: list[torch.Tensor]  # h_l [B, T, D] entering layer l in the teacher pass
     head: RestrictedHead  # the LM head, with the teacher's answer distributions
+    ranking: tuple[torch.Tensor, RestrictedHead] | None  # rows [k] and head single-layer trials use (None: all)
     importance: list[torch.Tensor]  # per layer [kv, L] smoothed scores (forced tokens +inf)
     working: list[LayerKV]  # per layer: memory + the chunk as settled so far (unsettled: whole)
     settled: dict[int, tuple[_Choice, float, float | None]]  # layer -> (choice, ratio, js)
@@ -120,6 +121,7 @@ class ChunkSearch:
         token_origin: torch.Tensor | None = None,
         calib_blind_to: torch.Tensor | None = None,
         segment: torch.Tensor | None = None,
+        ranking_rows: int | None = None,  # single-layer trials (try_keep) judged on this many rows, evenly spaced
     ) -> None:
         self.decoder, self.memory, self.chunk, self.calib = decoder, memory, chunk, calib
         self.offset, self.precision, self.on_settle, self.exact_js = offset, precision, on_settle, exact_js
@@ -150,6 +152,12 @@ class ChunkSearch:
             raise NotImplementedError("an LM head with a bias")  # no supported family has one
         self.head = RestrictedHead(head.weight, decoder.stack.norm(teacher.hidden[calib.answer_mask]))
         self.importance = [smooth_scores(s, forced) for s in teacher.scores]  # per layer [kv, L]
+        self.ranking = None
+        rows = calib.input_ids.shape[0]
+        if ranking_rows is not None and ranking_rows < rows:
+            subset = torch.linspace(0, rows - 1, ranking_rows, device=calib.answer_mask.device).round().long()  # [k]
+            owner = calib.answer_mask.nonzero()[:, 0]  # [N] the row of each answer position
+            self.ranking = (subset, self.head.at(torch.isin(owner, subset)))
 
         self.working = list(full)  # layers settle one by one; unsettled layers keep the whole chunk
         self.settled = {}
@@ -191,9 +199,9 @@ class ChunkSearch:
         return self.settled[layer][0].count if layer in self.settled else self.tokens
 
     def try_keep(self, layer: int, count: int, delta: float | None = None) -> float:
-        """JS with `layer` at `count` (higher layers as settled, lower ones whole); see `_judge`."""
+        """JS with `layer` at `count` (higher layers as settled, lower ones whole), on the ranking rows; see `_judge`."""
         counts = {l: self.settled_count(l) for l in range(layer, self.num_layers)} | {layer: count}
-        return self._judge(layer, counts, delta)
+        return self._judge(layer, counts, delta, self.ranking is not None)
 
     def try_profile(self, counts: list[int], delta: float | None = None) -> float:
         """JS with every layer at its count at once: one trial through the whole stack."""
@@ -241,10 +249,12 @@ class ChunkSearch:
         every = self.token_origin[None].expand(key.shape[0], -1)  # [kv, L]
         return every if index is None else every.gather(1, index)
 
-    def _judge(self, start: int, counts: dict[int, int], delta: float | None) -> float:
+    def _judge(self, start: int, counts: dict[int, int], delta: float | None, ranking: bool = False) -> float:
         """Mean JS of the trial: exact (the whole LM head) with exact_js or without `delta`, else the
-        restricted-vocabulary JS (the head on the teacher's relevant tokens + a tail bucket)."""
-        key = (start, tuple(counts[l] for l in range(start, self.num_layers)))
+        restricted-vocabulary JS (the head on the teacher's relevant tokens + a tail bucket). ranking:
+        judged on the ranking rows only."""
+        rows, head = self.ranking if ranking else (None, self.head)
+        key = (start, tuple(counts[l] for l in range(start, self.num_layers)), ranking)
         self.stats.requested += 1
         x = self._outputs.get(key)
         if x is None:
@@ -253,29 +263,32 @@ class ChunkSearch:
             for l, c in counts.items():
                 if not (l in self.settled and c == self.settled_count(l)):
                     memory[l] = self._choose(l, c).stored
-            x = self._run(memory, start)
+            x = self._run(memory, start, rows)
             self._outputs[key] = x
-        if delta is not None and self.head.enabled and not self.exact_js and key not in self._exact:
+        if delta is not None and head.enabled and not self.exact_js and key not in self._exact:
             self.stats.restricted += 1
-            return self.head.estimate(x)
+            return head.estimate(x)
         self.stats.full_heads += 1
         if key not in self._exact:
-            self._exact[key] = self.head.exact(x)
+            self._exact[key] = head.exact(x)
         return self._exact[key]
 
-    def _run(self, memory: list[LayerKV], start: int) -> torch.Tensor:
-        out = self.decoder.forward(
-            self.layer_inputs[start], self.calib_positions, self.calib.attention_mask, memory, start_layer=start,
-            blind_to=self.calib_blind_to,
-        )
-        return self.decoder.stack.norm(out.hidden[self.calib.answer_mask])  # [N, D]
+    def _run(self, memory: list[LayerKV], start: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Normed final hidden [N, D] at the answer positions of the calibration rows (or of `rows` [k])."""
+        c, hidden, positions, blind = self.calib, self.layer_inputs[start], self.calib_positions, self.calib_blind_to
+        valid, answer = c.attention_mask, c.answer_mask
+        if rows is not None:
+            hidden, positions, valid, answer = hidden[rows], positions[:, rows], valid[rows], answer[rows]
+            blind = None if blind is None else blind[rows]
+        out = self.decoder.forward(hidden, positions, valid, memory, start_layer=start, blind_to=blind)
+        return self.decoder.stack.norm(out.hidden[answer])  # [N, D]
 
     def result(self, demos: int) -> ChunkResult:
         missing = [l for l in range(self.num_layers) if l not in self.settled]
         if missing:
             raise RuntimeError(f"policy left layers {missing} undecided")
         choices = [self.settled[l] for l in range(self.num_layers)]
-        key = (0, tuple(c.count for c, _, _ in choices))
+        key = (0, tuple(c.count for c, _, _ in choices), False)
         if key not in self._outputs:  # the final state was never run as one trial
             self.stats.run += 1
             self._outputs[key] = self._run(self.working, 0)
@@ -326,7 +339,8 @@ def compress_chunk(
         forced[0] = True
     search = ChunkSearch(decoder, memory, chunk, calib, offset, precision, on_settle, forced,
                          exact_js=policy.exact_js, scores_from=policy.scores_from,
-                         token_origin=token_origin, calib_blind_to=calib_blind_to, segment=segment)
+                         token_origin=token_origin, calib_blind_to=calib_blind_to, segment=segment,
+                         ranking_rows=policy.ranking_rows)
     policy.decide(search)
     return search.result(demos)
 

@@ -23,6 +23,7 @@ one that straddles δ is measured exactly, so decisions equal the full-vocabular
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -86,6 +87,14 @@ class RestrictedHead:
         self.w_tail_max = float(norms.max())
         centre = weight.float().mean(0)
         self.w_spread_sq = float(((w_tail - centre) ** 2).sum(-1).max()) if tail.any() else 0.0
+
+    def at(self, keep: torch.Tensor) -> "RestrictedHead":
+        """The same head judged at the positions keep [N] bool only (S stays the union over all positions,
+        so the bounds still hold)."""
+        view = copy.copy(self)
+        for name in ("x_t", "log_q", "log_q_s", "log_q_tail", "tail_lse", "tail_mean"):
+            setattr(view, name, getattr(self, name)[keep])
+        return view
 
     def _student(self, x_s: torch.Tensor):
         """Student logits on S normalized within S [N, S], and its tail-mass bounds a_lo ≤ a ≤ a_hi [N]
