@@ -272,13 +272,20 @@ def _kept_line(s: dict) -> str:
     return f"{s['context_tokens']} context tokens -> {mean:.1f} kept per layer (mean; min {min(kept)}, max {max(kept)})"
 
 
-def _chunks(n: int) -> str:
-    return f"{n} chunk" if n == 1 else f"{n} chunks"
+def _chunks(s: dict) -> str:
+    """'2 chunks'; a chunk record holding no demonstration (emloc-context's first token, stored with its
+    own int8 scales) is named for what it is rather than counted as a chunk."""
+    segments = sum(1 for c in s.get("chunk_details") or [] if c.get("demos") == 0)
+    n = s["chunks"] - segments
+    text = f"{n} chunk" if n == 1 else f"{n} chunks"
+    if segments == 1:
+        return f"{text} + the first token's own segment"
+    return f"{text} + {segments} segments without demos" if segments else text
 
 
 def _compile_text(s: dict) -> str:
     return "\n".join([
-        f"compiled {s['demos']} demos in {_chunks(s['chunks'])} with {s['model']}",
+        f"compiled {s['demos']} demos in {_chunks(s)} with {s['model']}",
         _kept_line(s),
         f"compression {100 * s['compression']:.1f}% of the context, {s['precision']} "
         f"-> {s['output']} ({_size(s['file_bytes'])}) in {s['seconds']:.1f} s",
@@ -295,7 +302,7 @@ def _inspect_text(path: Path, s: dict) -> str:
     rows = [
         ("file", f"{path} ({_size(s['file_bytes'])}, format v{s['format_version']})"),
         ("model", f"{s['model']} ({s.get('model_family', '?')}, {s['num_layers']} layers)"),
-        ("demos", f"{s['demos']} in {_chunks(s['chunks'])}"),
+        ("demos", f"{s['demos']} in {_chunks(s)}"),
         ("context", _kept_line(s)),
         ("compression", f"{100 * s['compression']:.1f}% of the context"),
         ("kept per layer", " ".join(str(k) for k in kept)),

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .cli_common import _model_or_default, _ratios, handle_errors, model_option
+from .compile.policy import FORCES
 
 
 @click.command()
@@ -56,6 +57,8 @@ def serve(model_dir, memories_dir, **options) -> None:
 @click.option("--chunk-size", type=click.IntRange(min=1), default=None, help="Demonstrations per chunk, for the chunk-wise policies [default: 4].")
 @click.option("--policy", default=None, help="Main compile policy: its POLICY-fp32/-int8 are default conditions and "
                                              "it sizes uniform-int8 [default: the compiler's].")
+@click.option("--forced", type=click.Choice(FORCES), default=None,
+              help="Answer-span tokens every compile keeps, as compile's --forced [default: answer, the whole span].")
 @click.option("--sweep", "sweep", multiple=True, metavar="KNOB=V1,V2",
               help="Add each value as a condition for every asked policy that takes KNOB: delta=0.001,0.005,0.02 "
                    "(searched policies), ratio=0.1,0.25,0.5 (budgeted ones, e.g. uniform). Repeatable.")
@@ -77,8 +80,11 @@ def serve(model_dir, memories_dir, **options) -> None:
 @click.option("--question", default=None, help="Question for folder-per-answer folders (else their task.json).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @handle_errors
-def eval_command(demos_dir, test_dir, model, json_out, plot, delta, ratios, chunk_size, policy, sweep, limit,
-                 conditions, backend, weights, provider, threads, device, max_new_tokens, question, quiet) -> None:
+def eval_command(demos_dir: Path, test_dir: Path, model: str | None, json_out: Path | None, plot: Path | None,
+                 delta: float | None, ratios: tuple[float, ...] | None, chunk_size: int | None, policy: str | None,
+                 forced: str | None, sweep: tuple[str, ...], limit: int | None, conditions: str | None, backend: str,
+                 weights: str | None, provider: str, threads: int, device: str | None, max_new_tokens: int,
+                 question: str | None, quiet: bool) -> None:
     """Answer the items in TEST_DIR with each kind of context built from DEMOS_DIR and compare.
 
     Conditions: zero-shot (no demos), full-context (all demos, nothing pruned, fp32), POLICY-PRECISION
@@ -104,7 +110,7 @@ def eval_command(demos_dir, test_dir, model, json_out, plot, delta, ratios, chun
     with TqdmProgress(disable=quiet) as bar:
         report = evaluate(demos_dir, test_dir, model if model is not None else (lambda: _model_or_default(None)),
                           conditions=conditions, delta=delta, ratios=ratios, chunk_size=chunk_size, policy=policy,
-                          sweep=sweep or None, backend=backend, weights=weights, provider=provider, threads=threads,
+                          forced=forced, sweep=sweep or None, backend=backend, weights=weights, provider=provider, threads=threads,
                           device=device, limit=limit, max_new_tokens=max_new_tokens, question=question, progress=bar)
     if json_out is not None and not to_stdout:
         report.write_json(json_out)

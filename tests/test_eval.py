@@ -200,6 +200,7 @@ def test_any_registered_policy_names_a_condition(folders, adapter):
     ({"sweep": ["ratio=0,0.5"]}, ("sweep ratio", "(0, 1]")),
     ({"sweep": ["delta"]}, ("sweep", "KNOB=")),
     ({"policy": "nope"}, ("policy", "nope")),
+    ({"forced": "nope"}, ("forced", "nope")),
     ({"conditions": "nope-int8"}, ("conditions", "nope-int8")),
     ({"conditions": "uniform-int8@delta=0.1"}, ("uniform", "ratio")),
     ({"backend": "tensorrt"}, ("backend", "tensorrt")),
@@ -251,3 +252,12 @@ def test_backends_agree_on_image_items_with_a_vision_model(tiny_vlm_dir, make_im
         assert runs[0].condition(name).predictions == runs[1].condition(name).predictions, name
     assert runs[0].condition("zero-shot").js_to_full_context == pytest.approx(
         runs[1].condition("zero-shot").js_to_full_context, abs=1e-5)
+
+
+def test_forced_reaches_every_compile(folders, adapter):
+    """eval's forced is compile's: each condition's memory records it, and the report's settings name it."""
+    r = evaluate(*folders, adapter, conditions=["emloc-context-fp32", "uniform-fp32"], forced="content",
+                 chunk_size=CHUNK, max_new_tokens=2, limit=1, backend="torch", device="cpu")
+    assert r.settings["forced"] == "content"
+    assert all(c.settings["forced"] == "content" for c in r.conditions)
+    assert "forced content" in r.table().splitlines()[-1]

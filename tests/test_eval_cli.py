@@ -44,7 +44,7 @@ def test_cli_writes_json_and_plot_and_honours_limit_and_conditions(folders, llam
     assert all(c["total"] == 2 and len(c["predictions"]) == 2 for c in data["conditions"])
     defaults = CompileOptions()
     assert data["settings"] == {"delta": defaults.delta, "ratios": list(defaults.ratios), "chunk_size": CHUNK,
-                                "policy": MAIN, "max_new_tokens": 3, "limit": 2, "reference": "full-context"}
+                                "policy": MAIN, "forced": None, "max_new_tokens": 3, "limit": 2, "reference": "full-context"}
     assert {k: data["runtime"][k] for k in ("backend", "weights", "provider", "threads")} == {
         "backend": "ort", "weights": "fp32", "provider": "cpu", "threads": 1}
     assert data["model"] == llama_dir.name and data["chance"] == 0.25

@@ -79,7 +79,7 @@ class EvalReport:
             f"chance {self.chance:.3f} (1/{self.distinct_answers} distinct answers); {self.demos} demos, "
             f"{self.test_items} test items, {self.context_tokens} context tokens; {self.model}; {where}; "
             f"policy {s['policy']}, delta {s['delta']}, ratios {','.join(map(str, s['ratios']))}, "
-            f"chunk size {s['chunk_size']}",
+            f"chunk size {s['chunk_size']}" + (f", forced {s['forced']}" if s.get("forced") else ""),
         ])
 
     def write_json(self, path: str | Path) -> None:

@@ -66,6 +66,7 @@ def evaluate(
     ratios: tuple[float, ...] | None = None,
     chunk_size: int | None = None,
     policy: str | None = None,
+    forced: str | None = None,
     sweep: Iterable[str] | dict[str, Iterable[float]] | None = None,
     backend: str = "ort",
     weights: str | None = None,
@@ -85,12 +86,12 @@ def evaluate(
     conditions: names as in conditions.py (default: zero-shot, full-context, POLICY-fp32, POLICY-int8,
     uniform-int8, POLICY being `policy`, default the compiler's). sweep: "delta=0.001,0.02" /
     "ratio=0.1,0.25" strings (or {knob: values}) adding each value as a condition per asked policy that
-    takes that knob. backend: "ort" (the exported model with `weights`, default export's own, under
+    takes that knob. forced: the answer-span tokens every compile forces (as `compile_memory`'s). backend: "ort" (the exported model with `weights`, default export's own, under
     ONNX Runtime with `provider` and `threads`) or "torch" (the PyTorch reference on `device`).
     full-context is always built, since JS is measured against it; only asked conditions are reported.
     """
     progress = progress or _Silent()
-    options = _options(delta, ratios, chunk_size, policy)
+    options = _options(delta, ratios, chunk_size, policy, forced)
     names = resolve_conditions(conditions, options.policy, sweep)
     weights = _check_runtime(backend, weights, provider, threads, device, limit, max_new_tokens)
     demos = _load(demos_dir, question, "demos")
@@ -121,7 +122,7 @@ def evaluate(
         context_tokens=built[REFERENCE].memory.meta.context_tokens, distinct_answers=len(answers),
         chance=1.0 / len(answers), runtime=runtime,
         settings={"delta": options.delta, "ratios": list(options.ratios), "chunk_size": options.chunk_size,
-                  "policy": options.policy, "max_new_tokens": max_new_tokens, "limit": limit, "reference": REFERENCE},
+                  "policy": options.policy, "forced": options.forced, "max_new_tokens": max_new_tokens, "limit": limit, "reference": REFERENCE},
         conditions=results,
         items=[{"question": i.question, "answer": i.answer, "image": None if i.image is None else str(i.image)}
                for i in items],
@@ -129,7 +130,7 @@ def evaluate(
 
 
 # --- checks -----------------------------------------------------------------------------------------
-def _options(delta, ratios, chunk_size, policy) -> CompileOptions:
+def _options(delta, ratios, chunk_size, policy, forced) -> CompileOptions:
     defaults = CompileOptions()
     if policy is not None and policy not in POLICIES:
         raise BadInputError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}", parameters="policy")
@@ -138,6 +139,7 @@ def _options(delta, ratios, chunk_size, policy) -> CompileOptions:
         ratios=defaults.ratios if ratios is None else tuple(ratios),
         chunk_size=defaults.chunk_size if chunk_size is None else chunk_size,
         policy=defaults.policy if policy is None else policy,
+        forced=forced,
     )
 
 

@@ -28,7 +28,8 @@ def out_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def llama_memory(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """A memory compiled once by the CLI from 6 text demos (3 chunks), and its --json summary."""
+    """A memory compiled once by the CLI from 6 text demos (the default policy: the first token's own
+    segment, then the whole context), and its --json summary."""
     base = tmp_path_factory.mktemp("llama_memory")
     demos = text_demos(base / "demos", n=6)
     out = base / "task.emloc"

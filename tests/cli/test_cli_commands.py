@@ -41,7 +41,8 @@ def test_compile_text_summary(llama_dir: Path, tmp_path: Path, out_dir: Path):
     memory = TaskMemory.load(out)
     m = memory.meta
     text = result.stdout
-    assert f"compiled 4 demos in 2 chunks with {llama_dir.name}" in text
+    assert f"compiled 4 demos in 1 chunk + the first token's own segment with {llama_dir.name}" in text
+    assert [c.demos for c in m.chunks] == [0, 4], "the default's two records: the first token, then the whole context"
     kept = m.kept_tokens_per_layer
     assert f"{m.context_tokens} context tokens -> {sum(kept) / len(kept):.1f} kept per layer" in text
     assert f"min {min(kept)}, max {max(kept)}" in text
@@ -61,7 +62,8 @@ def test_compile_without_quiet_shows_progress_on_stderr_only(llama_dir: Path, tm
     result = cli("compile", demos, "--model", llama_dir, "-o", out_dir / "p.emloc", "--chunk-size", "2")
     assert result.exit_code == 0, (result.output, result.exception)
     assert "chunk 1/1 (2 demos)" in result.stderr
-    assert "chunk 1/1" not in result.stdout and result.stdout.startswith("compiled 2 demos in 2 chunks")
+    assert "chunk 1/1" not in result.stdout and result.stdout.startswith(
+        "compiled 2 demos in 1 chunk + the first token's own segment")
 
 
 def test_delta_inf_json_is_strict(llama_dir: Path, tmp_path: Path, out_dir: Path):
@@ -96,7 +98,7 @@ def test_inspect_text(llama_memory, llama_dir: Path):
     rows = {line.split("  ", 1)[0].strip(): line.split("  ", 1)[1].strip() for line in result.stdout.splitlines()}
     assert rows["file"].startswith(str(path)) and "format v1" in rows["file"]
     assert rows["model"] == f"{llama_dir.name} (llama, 4 layers)"
-    assert rows["demos"] == "6 in 2 chunks"
+    assert rows["demos"] == "6 in 1 chunk + the first token's own segment"
     assert rows["kept per layer"] == " ".join(map(str, s["kept_tokens_per_layer"]))
     assert rows["position offset"] == str(s["position_offset"])
     assert rows["precision"] == "int8"
@@ -188,3 +190,13 @@ def test_compile_unknown_policy_is_a_usage_error(llama_dir: Path, tmp_path: Path
     demos = text_demos(tmp_path / "demos", n=2)
     result = cli("compile", demos, "--model", llama_dir, "--policy", "nope", *FAST)
     assert result.exit_code == 2 and "--policy" in result.stderr
+
+
+@pytest.mark.parametrize("demos_per_record, text", [
+    ([2, 2, 2], "3 chunks"), ([6], "1 chunk"), ([0, 6], "1 chunk + the first token's own segment"),
+    ([0, 6, 2], "2 chunks + the first token's own segment"), ([0, 0, 3], "1 chunk + 2 segments without demos"),
+])
+def test_chunk_records_without_demos_are_not_counted_as_chunks(demos_per_record, text):
+    from emloc_edge.cli import _chunks
+
+    assert _chunks({"chunks": len(demos_per_record), "chunk_details": [{"demos": d} for d in demos_per_record]}) == text
