@@ -64,7 +64,7 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @json_option
 @handle_errors
-def compile(demos_dir: Path, model: str | None, output: Path | None, delta: float | None,
+def compile(demos_dir: Path, model: Path | None, output: Path | None, delta: float | None,
             ratios: tuple[float, ...] | None, chunk_size: int | None, precision: str | None, append: Path | None,
             question: str | None, policy: str | None, forced: str | None, device: str, quiet: bool,
             as_json: bool) -> None:
@@ -185,7 +185,9 @@ class _StepLines:
                    "float: dequantized once at load (same answers, ~4x the RAM); auto: int8 for int8 memories.")
 @json_option
 @handle_errors
-def run(images, memory_path, model_dir, question, prompts, max_new_tokens, provider, threads, memory_inputs, as_json) -> None:
+def run(images: tuple[Path, ...], memory_path: Path, model_dir: Path | None, question: str | None,
+        prompts: tuple[str, ...], max_new_tokens: int, provider: str, threads: int, memory_inputs: str,
+        as_json: bool) -> None:
     """Answer IMAGES (or --prompt texts) with the task memory as context.
 
     Plain output streams each answer as it is generated; --json prints one object per query:

@@ -7,11 +7,14 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import click
 
 from .errors import EmlocError
 from .textout import finite as _finite
+
+T = TypeVar("T")
 
 EXIT_BAD_INPUT = 2
 EXIT_EXPORT_BUG = 3  # ExportValidationError: the ONNX graph disagrees with PyTorch (a bug, not bad input)
@@ -36,11 +39,11 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def handle_errors(fn):
+def handle_errors(fn: Callable[..., T]) -> Callable[..., T]:
     """One top-level handler: user errors -> one line, exit 2; no traceback unless EMLOC_EDGE_DEBUG is set."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: object, **kwargs: object) -> T:
         try:
             return fn(*args, **kwargs)
         except (EmlocError, OSError) as e:
@@ -54,7 +57,7 @@ def handle_errors(fn):
     return wrapper
 
 
-def _ratios(ctx, param, value: str | None):
+def _ratios(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
     if value is None:
         return None
     try:

@@ -33,7 +33,7 @@ from .compile.policy import FORCES
 @click.option("--address", default=None, help="Ray cluster address (e.g. auto) [default: start a local Ray].")
 @click.option("--replicas", type=click.IntRange(min=1), default=2, show_default=True, help="Ray replicas.")
 @handle_errors
-def serve(model_dir, memories_dir, **options) -> None:
+def serve(model_dir: Path, memories_dir: Path, **options: object) -> None:
     """Serve MODEL_DIR's task memories over an OpenAI-compatible HTTP API until interrupted.
 
     POST /v1/chat/completions (model = a memory's name; text and data: image URLs; stream), GET /v1/models,
@@ -80,7 +80,7 @@ def serve(model_dir, memories_dir, **options) -> None:
 @click.option("--question", default=None, help="Question for folder-per-answer folders (else their task.json).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @handle_errors
-def eval_command(demos_dir: Path, test_dir: Path, model: str | None, json_out: Path | None, plot: Path | None,
+def eval_command(demos_dir: Path, test_dir: Path, model: Path | None, json_out: Path | None, plot: Path | None,
                  delta: float | None, ratios: tuple[float, ...] | None, chunk_size: int | None, policy: str | None,
                  forced: str | None, sweep: tuple[str, ...], limit: int | None, conditions: str | None, backend: str,
                  weights: str | None, provider: str, threads: int, device: str | None, max_new_tokens: int,
