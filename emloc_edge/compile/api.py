@@ -36,7 +36,8 @@ def compile_memory(
     and one budget over the whole context; "emloc": chunk-wise, a profile verified per chunk;
     "emloc-paper", the authors' search; "uniform"). forced: which answer-span tokens every layer keeps
     ("answer": the whole span, the default; "answer+end": without the newline opening the turn;
-    "content": the answer's own tokens only; see README "Which answer-span tokens must be kept"). device: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda".
+    "content": the answer's own tokens only; see README "Which answer-span tokens must be kept").
+    device: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda".
     Options left as None take the defaults, or with `append` the existing memory's own
     settings; `append` compresses the demos as further chunks of that memory file, whose earlier
     chunks stay bit-identical.
@@ -85,12 +86,18 @@ def compile_memory(
 def _check_same_settings(memory: CompileOptions, given: CompileOptions, path: str | Path) -> None:
     """Appending keeps the memory's own settings; name the memory file and each option that differs."""
     fields = ("delta", "ratios", "chunk_size", "precision", "policy", "forced")
-    show = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else "default" if v is None else str(v)  # noqa: E731
-    diff = [f"{f} {show(getattr(memory, f))} (given {show(getattr(given, f))})"
+    diff = [f"{f} {_show(getattr(memory, f))} (given {_show(getattr(given, f))})"
             for f in fields if getattr(memory, f) != getattr(given, f)]
     if diff:
         raise BadInputError(f"{path}: appending needs the memory's own settings: {', '.join(diff)}; "
                             "leave these out or give the memory's values", parameters=[f.split()[0] for f in diff])
+
+
+def _show(value: object) -> str:
+    """A setting as the user gives it: ratios comma-separated, an unset option as "default"."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "default" if value is None else str(value)
 
 
 def _check_output(output: Path) -> None:

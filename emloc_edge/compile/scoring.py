@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .policy import FORCES
+
 
 def smooth_scores(mass: torch.Tensor, answer: torch.Tensor, width: int = 5) -> torch.Tensor:
     """EMLoC importance of each chunk token per KV head.
@@ -67,7 +69,7 @@ def answer_span_tokens(answer: torch.Tensor) -> torch.Tensor:
 
 
 # policy.forces -> the tokens every layer keeps, from the chunk's answer-span mask
-FORCED_TOKENS = {"answer": answer_span_tokens, "content": content_tokens, "answer+end": answer_and_end_tokens}
+FORCED_TOKENS = dict(zip(FORCES, (answer_span_tokens, answer_and_end_tokens, content_tokens)))  # names: policy.FORCES
 
 # policy.scores_from -> the calibration tokens [B, T] bool whose attention scores a chunk's tokens: the
 # answers' (the paper's), or every token's (the image and question tokens attend to the demonstrations
