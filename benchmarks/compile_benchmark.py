@@ -50,6 +50,7 @@ VARIANTS = {
     "pool": ("budget", "context"),  # scope context: one pool of tokens per layer over the whole context
     "shares": ("budget", "chunk"),  # scope context: every chunk_size demos keep their share of a layer
     "ranked": ("search", "ranked"),  # scope context: steps ranked by their JS alone, longest prefix within delta
+    "slope": ("search", "ranked-slope"),  # scope context: steps ranked by JS per token removed (the default)
     "greedy": ("search", "greedy"),  # scope context: the paper's top-down search
     "own": ("calibration", "own"),  # on the chunk's own demos re-read
     "content": ("forces", "content"),  # only the answers' own tokens forced
@@ -192,7 +193,7 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=4)
     ap.add_argument("--delta", type=float, default=0.005)
     ap.add_argument("--deltas", default=None, help="comma list: every policy at each of these deltas (a sweep)")
-    ap.add_argument("--ratios", default="0.1,0.2,0.5")
+    ap.add_argument("--ratios", default=None, help="comma list (default: each policy's own)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="also write the numbers here")
@@ -201,7 +202,7 @@ def main() -> None:
 
     adapter = load_model(model_path(args.model))
     demos, queries = task_items(args)
-    g, ratios = adapter.geometry, tuple(float(r) for r in args.ratios.split(","))
+    g, ratios = adapter.geometry, tuple(float(r) for r in args.ratios.split(",")) if args.ratios else None
     scorer = Scorer(adapter, queries)
 
     prefill_s, tokens = full_prefill_seconds(adapter, demos, args.repeats)

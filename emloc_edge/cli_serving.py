@@ -53,7 +53,7 @@ def serve(model_dir: Path, memories_dir: Path, **options: object) -> None:
 @click.option("--plot", type=click.Path(path_type=Path), default=None,
               help="Draw accuracy against memory size (MB) and against kept fraction, a line per policy (.png).")
 @click.option("--delta", type=float, default=None, help="EMLoC JS tolerance in nats [default: the compiler's].")
-@click.option("--ratios", callback=_ratios, default=None, help="EMLoC candidate keep ratios [default: the compiler's].")
+@click.option("--ratios", callback=_ratios, default=None, help="EMLoC candidate keep ratios [default: each policy's own, as in compile].")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=None, help="Demonstrations per chunk, for the chunk-wise policies [default: 4].")
 @click.option("--policy", default=None, help="Main compile policy: its POLICY-fp32/-int8 are default conditions and "
                                              "it sizes uniform-int8 [default: the compiler's].")

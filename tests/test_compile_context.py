@@ -118,7 +118,7 @@ def test_whole_context_policy_defaults():
     policy = CompileOptions(policy="emloc-context").make_policy()
     assert isinstance(policy, WholeContext)
     assert (policy.scope, policy.budget, policy.calibration, policy.scores_from) == ("context", "context", "held-out", "all")
-    assert (policy.search, policy.calibration_rows, policy.ranking_rows, policy.judges_stored) == ("ranked", 8, 4, False)
+    assert (policy.search, policy.calibration_rows, policy.ranking_rows, policy.judges_stored) == ("ranked-slope", 8, 4, False)
 
 
 def test_prefill_in_blocks_equals_one_forward(llama, tmp_path):
@@ -218,6 +218,69 @@ def test_ranked_search_takes_the_longest_prefix_within_delta(data, layers, delta
     assert sum(search.keep_count(r) for r in bigger) <= sum(search.keep_count(r) for r in chosen)
 
 
+def _hull_slopes(alone: list[float], removed: list[int]) -> list[float]:
+    """Brute force: each rung's slope on the lower convex hull of (0, 0), (removed_r, alone_r)."""
+    points = [(0, 0.0)] + list(zip(removed, alone))
+    slopes, start = [], 0
+    while start < len(points) - 1:  # from each hull vertex, the next is the point of least slope (the farthest on ties)
+        x0, y0 = points[start]
+        best = min(range(start + 1, len(points)), key=lambda j: ((points[j][1] - y0) / (points[j][0] - x0), -j))
+        slopes += [(points[best][1] - y0) / (points[best][0] - x0)] * (best - start)
+        start = best
+    return slopes
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), rungs=st.integers(1, 5))
+def test_slope_keys_are_the_lower_convex_hull(data, rungs):
+    """Each rung's key is its slope on the lower convex hull of (tokens removed, JS alone): never
+    decreasing down the rungs, and a rung cheaper than the one before it is pooled with it."""
+    from emloc_edge.compile.policy import _slope_keys
+
+    removed = sorted(data.draw(st.sets(st.integers(1, 1000), min_size=rungs, max_size=rungs)))
+    alone = list(np.cumsum(data.draw(st.lists(st.floats(0.0, 1.0), min_size=rungs, max_size=rungs))))
+    keys = _slope_keys(alone, removed)
+    assert keys == pytest.approx(_hull_slopes(alone, removed), rel=1e-9, abs=1e-12)
+    assert all(a <= b * (1 + 1e-9) + 1e-15 for a, b in zip(keys, keys[1:]))
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(), layers=st.integers(1, 6), delta=st.floats(0.0, 3.0))
+def test_slope_search_takes_the_longest_prefix_of_its_order(data, layers, delta):
+    """order "slope": bisection finds the longest prefix of the JS-per-token order within delta (an
+    additive JS makes every prefix's JS its steps' sum), and a larger delta never keeps more tokens."""
+    from emloc_edge.compile.policy import _slope_keys, ranked_prefix
+
+    ratios = (0.1, 0.2, 0.5)
+    costs = _ladder_costs(lambda: data.draw(st.floats(0.0, 1.0)), layers, ratios)
+    search = _AdditiveSearch(costs)
+    chosen = ranked_prefix(search, delta, ratios, order="slope")
+    down = sorted(ratios, reverse=True)
+    steps = sorted((key, layer, rung, r) for layer in range(layers) for rung, (key, r) in enumerate(zip(
+        _slope_keys([costs[(layer, r)] for r in down], [100 - search.keep_count(r) for r in down]), down)))
+    expected = [1.0] * layers
+    for _, layer, _, ratio in steps:  # the exhaustive answer: walk the order one step at a time
+        trial = list(expected)
+        trial[layer] = ratio
+        if sum(search._cost(l, search.keep_count(r)) for l, r in enumerate(trial)) > delta:
+            break
+        expected = trial
+    assert chosen == expected
+    bigger = ranked_prefix(_AdditiveSearch(costs), delta * 1.1 + 1e-9, ratios, order="slope")
+    assert sum(search.keep_count(r) for r in bigger) <= sum(search.keep_count(r) for r in chosen)
+
+
+def test_slope_order_spends_the_budget_where_it_removes_most():
+    """Two layers, room for one step: by JS alone the search takes layer 0's small cheap step (0.2 -> 0.1,
+    10 tokens); by JS per token it takes layer 1's halving (50 tokens), which costs a little more."""
+    from emloc_edge.compile.policy import ranked_prefix
+
+    costs = {(0, 0.5): 0.0, (0, 0.2): 0.0, (0, 0.1): 0.2, (1, 0.5): 0.25, (1, 0.2): 5.0, (1, 0.1): 9.0}
+    # layer 0's first two rungs are free; the budget 0.3 then fits one of: layer 0 -> 0.1 or layer 1 -> 0.5
+    assert ranked_prefix(_AdditiveSearch(costs), 0.3, (0.1, 0.2, 0.5)) == [0.1, 1.0]
+    assert ranked_prefix(_AdditiveSearch(costs), 0.3, (0.1, 0.2, 0.5), order="slope") == [0.2, 0.5]
+
+
 def test_ranked_search_on_a_model(llama, tmp_path):
     """The default search on a model. delta = inf: every layer at the smallest ratio; delta < 0: nothing
     pruned; in between: within delta, with at most |ratios|·layers + log2 trials."""
@@ -234,7 +297,7 @@ def test_ranked_search_on_a_model(llama, tmp_path):
     assert smallest.meta.kept_tokens_per_layer == [floor] * llama.geometry.num_layers
     middle, stats = compile_at(0.005)
     assert middle.meta.chunks[-1].final_js <= 0.005 * 1.05  # decided on the restricted-vocabulary JS
-    steps = 3 * llama.geometry.num_layers
+    steps = len(CompileOptions().keep_ratios) * llama.geometry.num_layers  # the default ladder: 4 rungs
     assert stats.requested <= steps + int(np.ceil(np.log2(steps + 1)))
 
 

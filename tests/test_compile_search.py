@@ -42,6 +42,21 @@ def test_policies_by_name_and_default():
         CompileOptions(policy="nope")
 
 
+def test_each_policy_has_its_own_default_ratios():
+    """Unset ratios are each policy's own, also in a copy of the options for another policy (as `eval`
+    compiles its comparison policies); given ratios hold for every policy."""
+    import dataclasses
+
+    fresh = CompileOptions()
+    assert fresh.keep_ratios == (0.1, 0.2, 0.3, 0.5) == tuple(fresh.hyperparameters()["ratios"])
+    assert fresh.make_policy().ratios == (0.1, 0.2, 0.3, 0.5)
+    for paper in ("emloc-paper", "emloc"):
+        assert dataclasses.replace(fresh, policy=paper).keep_ratios == (0.1, 0.2, 0.5)
+        assert CompileOptions(policy=paper).make_policy().ratios == (0.1, 0.2, 0.5)
+    given = CompileOptions(ratios=(0.5, 0.1))
+    assert dataclasses.replace(given, policy="emloc-paper").keep_ratios == (0.1, 0.5) == given.keep_ratios
+
+
 def test_identical_candidates_are_measured_once(llama, tmp_path):
     """Ratios 0.01 and 0.02 both fall under a chunk's answer tokens, so they keep the same count.
     With delta 0 nothing passes: every layer asks for both, and only one forward runs per layer."""

@@ -43,7 +43,7 @@ def test_cli_writes_json_and_plot_and_honours_limit_and_conditions(folders, llam
     assert data["test_items"] == 2 and len(data["items"]) == 2
     assert all(c["total"] == 2 and len(c["predictions"]) == 2 for c in data["conditions"])
     defaults = CompileOptions()
-    assert data["settings"] == {"delta": defaults.delta, "ratios": list(defaults.ratios), "chunk_size": CHUNK,
+    assert data["settings"] == {"delta": defaults.delta, "ratios": list(defaults.keep_ratios), "chunk_size": CHUNK,
                                 "policy": MAIN, "forced": None, "max_new_tokens": 3, "limit": 2, "reference": "full-context"}
     assert {k: data["runtime"][k] for k in ("backend", "weights", "provider", "threads")} == {
         "backend": "ort", "weights": "fp32", "provider": "cpu", "threads": 1}

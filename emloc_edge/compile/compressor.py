@@ -18,17 +18,18 @@ from .chunk import ChunkResult, TrialStats, compress_chunk
 from .demos import Demo
 from .device import DeviceDecoder, resolve_device, to_device
 from .query import memory_kv
-from .policy import DEFAULT_POLICY, FORCES, POLICIES, LayerBudgetPolicy, make_policy, validate_ratios
+from .policy import DEFAULT_POLICY, FORCES, POLICIES, LayerBudgetPolicy, default_ratios, make_policy, validate_ratios
 
 
 @dataclass
 class CompileOptions:
-    """EMLoC hyperparameters (delta 0.005 nats, ratios 0.1/0.2/0.5, 4 demos a chunk: the paper's values).
+    """EMLoC hyperparameters (delta 0.005 nats, 4 demos a chunk: the paper's values; ratios: the policy's own,
+    `default_ratios`: the paper's 0.1/0.2/0.5, or 0.1/0.2/0.3/0.5 for the default policy).
     The default policy ("emloc-context") searches the whole context as one chunk; chunk_size then only
     sizes the budget shares of its non-default budget "chunk"."""
 
     delta: float = 0.005  # JS tolerance on the final output; < 0 prunes nothing, inf always takes the smallest ratio
-    ratios: tuple[float, ...] = (0.1, 0.2, 0.5)  # candidate keep ratios, tried smallest first
+    ratios: tuple[float, ...] | None = None  # candidate keep ratios (None: the policy's own, `keep_ratios`)
     chunk_size: int = 4  # demonstrations per chunk (policies of scope "chunk")
     precision: str = "int8"  # how the memory file stores K/V: int8 | fp16 | fp32
     policy: str = DEFAULT_POLICY  # a name in POLICIES: "emloc-context", "emloc", "emloc-paper" or "uniform" (ratios[0] everywhere)
@@ -37,7 +38,8 @@ class CompileOptions:
     def __post_init__(self) -> None:
         if math.isnan(self.delta):
             raise BadInputError("delta must be a number, got nan", parameters="delta")
-        self.ratios = validate_ratios(tuple(float(r) for r in self.ratios))
+        if self.ratios is not None:
+            self.ratios = validate_ratios(tuple(float(r) for r in self.ratios))
         if self.chunk_size < 1:
             raise BadInputError(f"chunk_size must be at least 1, got {self.chunk_size}", parameters="chunk_size")
         if self.precision not in PRECISIONS:
@@ -48,15 +50,21 @@ class CompileOptions:
         if self.forced is not None and self.forced not in FORCES:
             raise BadInputError(f"forced must be one of {', '.join(FORCES)}, got {self.forced!r}", parameters="forced")
 
+    @property
+    def keep_ratios(self) -> tuple[float, ...]:
+        """The candidate keep ratios: as given, else the policy's own (kept None so that a copy of these
+        options for another policy, as `eval` makes, takes that policy's own)."""
+        return self.ratios if self.ratios is not None else default_ratios(self.policy)
+
     def make_policy(self) -> LayerBudgetPolicy:
-        policy = make_policy(self.policy, self.delta, self.ratios)
+        policy = make_policy(self.policy, self.delta, self.keep_ratios)
         if self.forced is not None:
             policy.forces = self.forced
         return policy
 
     def hyperparameters(self) -> dict:
         given = {"forced": self.forced} if self.forced is not None else {}  # absent: the policy's own (older files too)
-        return {"delta": self.delta, "ratios": list(self.ratios), "chunk_size": self.chunk_size, "policy": self.policy, **given}
+        return {"delta": self.delta, "ratios": list(self.keep_ratios), "chunk_size": self.chunk_size, "policy": self.policy, **given}
 
 
 class Progress(Protocol):

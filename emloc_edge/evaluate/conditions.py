@@ -167,7 +167,7 @@ class Budgeted:
         like = self._sized_like()
         # mean kept tokens per layer / context tokens of the sized-like memory: the same size, spread evenly
         ratio = (built[like].memory.meta.compression if like else
-                 setup.options.ratios[0] if self.value is None else self.value)
+                 setup.options.keep_ratios[0] if self.value is None else self.value)
         return setup.compile(policy=self.policy, precision=self.precision, ratios=(ratio,))
 
 

@@ -121,7 +121,7 @@ def evaluate(
         model=adapter.name, demos=len(demos), test_items=len(items),
         context_tokens=built[REFERENCE].memory.meta.context_tokens, distinct_answers=len(answers),
         chance=1.0 / len(answers), runtime=runtime,
-        settings={"delta": options.delta, "ratios": list(options.ratios), "chunk_size": options.chunk_size,
+        settings={"delta": options.delta, "ratios": list(options.keep_ratios), "chunk_size": options.chunk_size,
                   "policy": options.policy, "forced": options.forced, "max_new_tokens": max_new_tokens, "limit": limit, "reference": REFERENCE},
         conditions=results,
         items=[{"question": i.question, "answer": i.answer, "image": None if i.image is None else str(i.image)}

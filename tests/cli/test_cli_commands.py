@@ -26,7 +26,7 @@ def test_compile_json_summary(llama_memory, llama_dir: Path):
     assert s["compression"] == pytest.approx(sum(kept) / len(kept) / s["context_tokens"])
     assert 0 < s["compression"] < 1, "the default delta prunes something"
     assert s["position_offset"] == memory.meta.position_offset > 0
-    assert (s["precision"], s["delta"], s["ratios"]) == ("int8", 0.005, [0.1, 0.2, 0.5])
+    assert (s["precision"], s["delta"], s["ratios"]) == ("int8", 0.005, [0.1, 0.2, 0.3, 0.5])  # the default policy's own
     assert (s["chunks"], s["demos"]) == (2, 6)  # the default: the first token's segment, then the whole context
     assert s["format_version"] == 1
     assert Path(s["output"]) == path

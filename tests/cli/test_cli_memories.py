@@ -78,7 +78,7 @@ def test_append_memory_of_another_model(tiny_model_dir, llama_dir: Path, tmp_pat
         assert foreign.read_bytes() == before
 
 
-SETTINGS = {"--delta": "0.005", "--chunk-size": "2", "--precision": "int8", "--ratios": "0.1,0.2,0.5", "--forced": "default"}
+SETTINGS = {"--delta": "0.005", "--chunk-size": "2", "--precision": "int8", "--ratios": "0.1,0.2,0.3,0.5", "--forced": "default"}
 
 
 @pytest.mark.parametrize("option, value", [
@@ -105,7 +105,7 @@ def test_append_with_the_memorys_own_settings_is_fine(llama_dir: Path, memory_co
     """Repeating the memory's settings explicitly is not a conflict (guards the conflict test above)."""
     out = out_dir / "grown.emloc"
     result = cli("compile", good_demos, "--model", llama_dir, "--append", memory_copy, "-o", out,
-                 "--delta", "0.005", "--ratios", "0.5,0.1,0.2", "--chunk-size", "2", "--precision", "int8", "-q")
+                 "--delta", "0.005", "--ratios", "0.5,0.1,0.3,0.2", "--chunk-size", "2", "--precision", "int8", "-q")
     assert result.exit_code == 0, (result.output, result.stderr, result.exception)
     assert TaskMemory.load(out).meta.demos == 8
 
