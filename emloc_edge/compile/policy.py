@@ -19,6 +19,7 @@ from ..errors import BadInputError
 # which answer-span tokens every layer keeps (scoring.FORCED_TOKENS implements each): the whole span
 # (opening newline, answer, end-of-turn; the paper's), the answer and its end-of-turn, or the answer only
 FORCES = ("answer", "answer+end", "content")
+PAPER_RATIOS = (0.1, 0.2, 0.5)  # the paper's candidate keep ratios
 
 
 class ChunkSearch(Protocol):
@@ -178,7 +179,7 @@ class GreedyTopDown(Judging):
 
     name: ClassVar[str] = "emloc-paper"
     delta: float = 0.005
-    ratios: tuple[float, ...] = (0.1, 0.2, 0.5)
+    ratios: tuple[float, ...] = PAPER_RATIOS
 
     def decide(self, search: ChunkSearch) -> None:
         greedy_top_down(search, self.delta, self.ratios)
@@ -213,7 +214,7 @@ class ProfileVerified(Judging):
 
     name: ClassVar[str] = "emloc"
     delta: float = 0.005
-    ratios: tuple[float, ...] = (0.1, 0.2, 0.5)
+    ratios: tuple[float, ...] = PAPER_RATIOS
     judges_stored: bool = False
     exact_js: bool = False
     scores_from: str = "all"
@@ -272,9 +273,10 @@ class WholeContext(Judging):
     the memory shrinks monotonically with delta (the paper's top-down search, `search="greedy"`, kept
     more at delta 0.0055 than at 0.005 and answered worse). Ordered by JS alone (`search="ranked"`), the
     budget went to small steps of small JS (0.2 -> 0.1 removes a tenth of a layer, 1.0 -> 0.5 half) and
-    the bundled task kept 26.9% instead of 23.4% at the same accuracy (validation). Judged on held-out items: `calibration_rows` demonstrations, evenly spaced over the
-    context, are re-read after it, each blind to its own copy (attention to its own tokens masked), so
-    each reads the other demonstrations as a query does instead of copying its own answer. Tokens are
+    the bundled task kept 26.9% instead of 23.4% at the same accuracy (validation).
+    Judged on held-out items: `calibration_rows` demonstrations, evenly spaced over the context, are
+    re-read after it, each blind to its own copy (attention to its own tokens masked), so each reads the
+    other demonstrations as a query does instead of copying its own answer. Tokens are
     scored by every calibration token's attention, as in `emloc`; decided in fp32, stored after.
     The single-layer (ranking) trials are judged on ranking_rows of the rows, evenly spaced, and the
     bisection's whole-stack trials on all of them: the ranking only orders the steps, and on validation
@@ -325,7 +327,6 @@ POLICIES: dict[str, object] = {
     UniformRatio.name: _make_uniform,
 }
 DEFAULT_POLICY = WholeContext.name
-PAPER_RATIOS = (0.1, 0.2, 0.5)
 # policy name -> its candidate keep ratios when none are given (the paper's for every policy not listed)
 DEFAULT_RATIOS: dict[str, tuple[float, ...]] = {WholeContext.name: WholeContext.ratios}
 
