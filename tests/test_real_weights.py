@@ -80,7 +80,8 @@ def test_emloc_memory_keeps_in_context_accuracy(smollm2, memories):
     assert acc_full >= 0.8, "SmolLM2 learns this task in context (0.90 measured with plain transformers)"
     # emloc (profile verified per chunk, 2026-12-03): 0.850 keeping 61.8% (emloc-paper: 0.725 at 49.6%);
     # scores from every calibration token (later that day): 0.825 keeping 63.5%.
-    # emloc-context (whole context, ranked search, 2026-12-06): 0.800 keeping 44.0%.
+    # emloc-context (whole context, ranked search, 2026-12-06): 0.800 keeping 44.0%; steps ranked by JS per
+    # token removed (later that day): 0.825 keeping 43.3%.
     assert acc_emloc >= 0.75, "most of the in-context gain must survive compression (chance 0.2)"
     kept = emloc.meta.kept_tokens_per_layer
     assert emloc.meta.compression < 0.7, kept
