@@ -19,8 +19,8 @@ from .cli_common import (  # noqa: F401  (EXIT_*, FLAGS, _one_line: part of the 
     model_option,
 )
 from .cli_serving import eval_command, serve
-from .compile.policy import DEFAULT_POLICY, DEFAULT_RATIOS, FORCES, PAPER_RATIOS, POLICIES
-from .textout import human_size as _size
+from .compile.policy import DEFAULT_POLICY, FORCES, PAPER_RATIOS, POLICIES, default_ratios
+from .textout import comma_list, human_size as _size
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="emloc-edge")
@@ -39,10 +39,6 @@ def main() -> None:
 
 
 
-def _show_ratios(ratios: tuple[float, ...]) -> str:
-    return ",".join(str(r) for r in ratios)
-
-
 @main.command()
 @click.argument("demos_dir", type=click.Path(path_type=Path))
 @model_option
@@ -50,8 +46,8 @@ def _show_ratios(ratios: tuple[float, ...]) -> str:
               help="Memory file to write [default: task.emloc, or the --append file].")
 @click.option("--delta", type=float, default=None, help="JS divergence tolerance in nats [default: 0.005].")
 @click.option("--ratios", callback=_ratios, default=None, help=f"Candidate keep ratios, smallest first [default: the policy's own: "
-                   f"{_show_ratios(DEFAULT_RATIOS[DEFAULT_POLICY])} for {DEFAULT_POLICY}, the paper's "
-                   f"{_show_ratios(PAPER_RATIOS)} for the others].")
+                   f"{comma_list(default_ratios(DEFAULT_POLICY))} for {DEFAULT_POLICY}, the paper's "
+                   f"{comma_list(PAPER_RATIOS)} for the others].")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=None, help="Demonstrations per chunk, for the chunk-wise policies [default: 4].")
 @click.option("--precision", type=click.Choice(["int8", "fp16", "fp32"]), default=None,
               help="How K/V are stored [default: int8].")

@@ -22,3 +22,8 @@ def human_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def comma_list(values: tuple | list) -> str:
+    """Values as a user types them in an option: (0.1, 0.2, 0.5) -> "0.1,0.2,0.5"."""
+    return ",".join(map(str, values))

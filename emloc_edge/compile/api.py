@@ -7,6 +7,7 @@ from typing import Sequence as Seq
 from ..errors import BadInputError
 from ..memory import TaskMemory
 from ..models.base import ModelAdapter
+from ..textout import comma_list
 from .compressor import CompileOptions, Compressor, Progress
 from .demos import Demo, check_demo_lengths, load_demos
 from .device import resolve_device
@@ -96,7 +97,7 @@ def _check_same_settings(memory: CompileOptions, given: CompileOptions, path: st
 def _show(value: object) -> str:
     """A setting as the user gives it: ratios comma-separated, an unset option as "default"."""
     if isinstance(value, tuple):
-        return ",".join(map(str, value))
+        return comma_list(value)
     return "default" if value is None else str(value)
 
 

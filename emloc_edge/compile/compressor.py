@@ -14,6 +14,7 @@ from ..memory import PRECISIONS, ChunkRecord, MemoryMeta, TaskMemory
 from ..models.base import ModelAdapter, Sequence
 from ..models.chat import Piece
 from ..models.decoder import LayerKV
+from ..textout import comma_list
 from .chunk import ChunkResult, TrialStats, compress_chunk
 from .demos import Demo
 from .device import DeviceDecoder, resolve_device, to_device
@@ -254,4 +255,4 @@ def _evenly_spaced(total: int, count: int) -> list[int]:
 
 
 def _settings(h: dict, precision: str) -> str:
-    return f"delta={h['delta']}, ratios={','.join(str(r) for r in h['ratios'])}, chunk_size={h['chunk_size']}, precision={precision}"
+    return f"delta={h['delta']}, ratios={comma_list(h['ratios'])}, chunk_size={h['chunk_size']}, precision={precision}"

@@ -117,7 +117,7 @@ def ranked_prefix(search: ChunkSearch, delta: float, ratios: tuple[float, ...], 
         for count in counts:
             worst = max(worst, search.try_keep(layer, count, delta))
             alone.append(worst)
-        keys = alone if order == "js" else _slope_keys(alone, [whole - c for c in counts])
+        keys = ORDERS[order](alone, [whole - c for c in counts])
         steps += [(key, layer, rung, ladder[count]) for rung, (key, count) in enumerate(zip(keys, counts))]
         search.measured(layer)
     steps.sort()
@@ -144,20 +144,28 @@ def _slope_keys(alone: list[float], removed: list[int]) -> list[float]:
     JS per token removed, on the lower convex hull of (removed, JS) from (0, 0): a rung whose own slope
     is below its predecessor's is pooled with it (pool-adjacent-violators), so the keys never decrease
     down the rungs and a cheap rung behind a costly one is ranked with it, not after it."""
-    blocks: list[list[float]] = []  # [added JS, added tokens removed, rungs] per pooled block
+    blocks: list[tuple[float, int, int]] = []  # (added JS, added tokens removed, rungs) per pooled block
     previous_js, previous_removed = 0.0, 0
     for js, gone in zip(alone, removed):
-        blocks.append([js - previous_js, float(gone - previous_removed), 1])
+        block = (js - previous_js, gone - previous_removed, 1)
         previous_js, previous_removed = js, gone
-        while len(blocks) > 1 and _rate(blocks[-2]) >= _rate(blocks[-1]):
-            added_js, added_removed, rungs = blocks.pop()
-            blocks[-1] = [blocks[-1][0] + added_js, blocks[-1][1] + added_removed, blocks[-1][2] + rungs]
-    return [_rate(block) for block in blocks for _ in range(int(block[2]))]
+        while blocks and _rate(blocks[-1]) >= _rate(block):
+            pooled = blocks.pop()
+            block = (pooled[0] + block[0], pooled[1] + block[1], pooled[2] + block[2])
+        blocks.append(block)
+    return [_rate(block) for block in blocks for _ in range(block[2])]
 
 
-def _rate(block: list[float]) -> float:
+def _rate(block: tuple[float, int, int]) -> float:
     added_js, added_removed, _ = block
     return added_js / added_removed if added_removed > 0 else math.inf
+
+
+# order name -> function(JS alone per rung, tokens removed per rung) -> one layer's sort keys (ranked_prefix)
+ORDERS = {
+    "js": lambda alone, removed: alone,
+    "slope": _slope_keys,
+}
 
 
 # search name -> function(search, delta, ratios) settling every layer: how a WholeContext policy decides

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import BadInputError
-from ..textout import finite as _finite, human_size as _size
+from ..textout import comma_list, finite as _finite, human_size as _size
 
 
 @dataclass
@@ -78,7 +78,7 @@ class EvalReport:
             line(head), *map(line, rows),
             f"chance {self.chance:.3f} (1/{self.distinct_answers} distinct answers); {self.demos} demos, "
             f"{self.test_items} test items, {self.context_tokens} context tokens; {self.model}; {where}; "
-            f"policy {s['policy']}, delta {s['delta']}, ratios {','.join(map(str, s['ratios']))}, "
+            f"policy {s['policy']}, delta {s['delta']}, ratios {comma_list(s['ratios'])}, "
             f"chunk size {s['chunk_size']}" + (f", forced {s['forced']}" if s.get("forced") else ""),
         ])
 

@@ -86,8 +86,9 @@ def evaluate(
     conditions: names as in conditions.py (default: zero-shot, full-context, POLICY-fp32, POLICY-int8,
     uniform-int8, POLICY being `policy`, default the compiler's). sweep: "delta=0.001,0.02" /
     "ratio=0.1,0.25" strings (or {knob: values}) adding each value as a condition per asked policy that
-    takes that knob. forced: the answer-span tokens every compile forces (as `compile_memory`'s). backend: "ort" (the exported model with `weights`, default export's own, under
-    ONNX Runtime with `provider` and `threads`) or "torch" (the PyTorch reference on `device`).
+    takes that knob. forced: the answer-span tokens every compile forces (as `compile_memory`'s).
+    backend: "ort" (the exported model with `weights`, default export's own, under ONNX Runtime with
+    `provider` and `threads`) or "torch" (the PyTorch reference on `device`).
     full-context is always built, since JS is measured against it; only asked conditions are reported.
     """
     progress = progress or _Silent()
