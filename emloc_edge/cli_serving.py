@@ -91,9 +91,10 @@ def eval_command(demos_dir: Path, test_dir: Path, model: Path | None, json_out: 
     (the demos compiled with a registered policy, stored fp32/fp16/int8, e.g. emloc-int8), uniform-int8
     (one keep ratio in every layer, sized like the main policy's int8 memory). Queries are answered by
     the exported model under ONNX Runtime with the memory files compile writes (--backend ort) or by
-    PyTorch. Reports accuracy (exact match), memory bytes and precision, kept tokens, median ms per
-    query, TTFT and tokens/s (ort), mean JS divergence of the first answer token to full-context, and
-    compile time. TEST_DIR has the layout of a demos folder. Needs the [compile] extra (torch,
+    PyTorch. Reports accuracy (exact match), items lost and won against full-context on the same items
+    with the exact sign test's p ("vs full": -3 +0 (p 0.25) is no evidence of a loss), memory bytes and
+    precision, kept tokens, median ms per query, TTFT and tokens/s (ort), mean JS divergence of the first
+    answer token to full-context, and compile time. TEST_DIR has the layout of a demos folder. Needs the [compile] extra (torch,
     transformers; matplotlib for --plot).
     """
     from .evaluate.progress import TqdmProgress

@@ -88,6 +88,14 @@ def test_reports_every_condition_in_order_with_consistent_counts(report, folders
         fraction = c.mean_kept_tokens_per_layer / report.context_tokens if c.memory_bytes else 0.0
         assert c.kept_fraction == pytest.approx(fraction)
         assert c.size_vs_full_context == pytest.approx(c.memory_bytes / full.memory_bytes)
+        if c is full:
+            assert c.lost_to_full_context is None and c.p_vs_full_context is None
+        else:  # paired with full-context item by item
+            pairs = list(zip(full.correct_items, c.correct_items))
+            assert c.lost_to_full_context == sum(f and not o for f, o in pairs)
+            assert c.won_over_full_context == sum(o and not f for f, o in pairs)
+            assert c.correct - full.correct == c.won_over_full_context - c.lost_to_full_context
+            assert 0.0 < c.p_vs_full_context <= 1.0
     assert report.runtime["backend"] == "ort" and report.runtime["weights"] == "fp32"
     assert report.runtime["provider"] == "cpu"
 

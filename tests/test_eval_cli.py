@@ -16,7 +16,8 @@ MAIN = CompileOptions().policy
 CONDITION_FIELDS = {
     "name", "line", "correct", "total", "accuracy", "memory_bytes", "precision", "size_vs_full_context", "weights",
     "kept_tokens_per_layer", "mean_kept_tokens_per_layer", "kept_fraction", "ms_per_query", "ttft_ms", "tokens_per_s",
-    "js_to_full_context", "compile_seconds", "settings", "predictions", "correct_items",
+    "js_to_full_context", "compile_seconds", "settings", "predictions", "correct_items", "lost_to_full_context",
+    "won_over_full_context", "p_vs_full_context",
 }
 REPORT_FIELDS = {"model", "demos", "test_items", "context_tokens", "distinct_answers", "chance", "runtime", "settings",
                  "conditions", "items"}
@@ -40,6 +41,7 @@ def test_cli_writes_json_and_plot_and_honours_limit_and_conditions(folders, llam
     assert set(data) == REPORT_FIELDS
     assert [c["name"] for c in data["conditions"]] == ["zero-shot", f"{MAIN}-int8"]  # report order
     assert all(set(c) == CONDITION_FIELDS for c in data["conditions"])
+    assert all(c["lost_to_full_context"] is None for c in data["conditions"])  # full-context not asked: unpaired
     assert data["test_items"] == 2 and len(data["items"]) == 2
     assert all(c["total"] == 2 and len(c["predictions"]) == 2 for c in data["conditions"])
     defaults = CompileOptions()
@@ -50,7 +52,7 @@ def test_cli_writes_json_and_plot_and_honours_limit_and_conditions(folders, llam
     assert data["model"] == llama_dir.name and data["chance"] == 0.25
     assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = result.stdout.splitlines()
-    assert lines[0].split()[:4] == ["condition", "accuracy", "memory", "stored"]
+    assert lines[0].split()[:5] == ["condition", "accuracy", "vs", "full", "memory"]
     assert [line.split()[0] for line in lines[1:3]] == ["zero-shot", f"{MAIN}-int8"]
     assert lines[3].startswith("chance 0.250") and "ort backend, fp32 weights, cpu provider" in lines[3]
     assert len(lines) == 4

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import BadInputError
+from .paired import PairedComparison
 from ..textout import comma_list, finite as _finite, human_size as _size
 
 
@@ -35,6 +36,10 @@ class ConditionResult:
     settings: dict | None  # compile hyperparameters + precision (None: no memory)
     predictions: list[str] = field(default_factory=list)  # the decoded, stripped answer per test item
     correct_items: list[bool] = field(default_factory=list)
+    # paired with full-context on the same items (None: full-context not evaluated, or this is it):
+    lost_to_full_context: int | None = None  # items full-context answers right and this wrong
+    won_over_full_context: int | None = None  # items this answers right and full-context wrong
+    p_vs_full_context: float | None = None  # exact sign test on those discordant items (`paired.py`)
 
 
 @dataclass
@@ -59,9 +64,9 @@ class EvalReport:
 
     def table(self) -> str:
         """Aligned plain-text table, one row per condition, then a line with chance and the setup."""
-        head = ("condition", "accuracy", "memory", "stored", "of full", "kept/layer", "kept", "weights", "ms/query",
+        head = ("condition", "accuracy", "vs full", "memory", "stored", "of full", "kept/layer", "kept", "weights", "ms/query",
                 "TTFT ms", "tok/s", "JS to full", "compile s")
-        rows = [(c.name, f"{c.accuracy:.3f} ({c.correct}/{c.total})", _size(c.memory_bytes), c.precision or "-",
+        rows = [(c.name, f"{c.accuracy:.3f} ({c.correct}/{c.total})", _paired(c), _size(c.memory_bytes), c.precision or "-",
                  f"{100 * c.size_vs_full_context:.1f}%", f"{c.mean_kept_tokens_per_layer:.1f}",
                  f"{100 * c.kept_fraction:.1f}%", c.weights, f"{c.ms_per_query:.1f}", _opt(c.ttft_ms),
                  _opt(c.tokens_per_s), f"{c.js_to_full_context:.4f}", f"{c.compile_seconds:.2f}")
@@ -91,6 +96,13 @@ class EvalReport:
         from .plot import draw
 
         atomic_write(Path(path), lambda tmp: draw(self, tmp))
+
+
+def _paired(c: ConditionResult) -> str:
+    """Items lost and won against full-context, with the sign test's p, e.g. '-3 +0 (p 0.25)'."""
+    if c.lost_to_full_context is None:
+        return "-"
+    return PairedComparison(c.lost_to_full_context, c.won_over_full_context, c.p_vs_full_context).describe()
 
 
 def _opt(x: float | None) -> str:

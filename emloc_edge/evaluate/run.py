@@ -16,6 +16,7 @@ from ..models.base import ModelAdapter
 from .backends import BACKENDS, Backend
 from .conditions import Condition, Context, FullContext, Setup, make_condition
 from .names import resolve_conditions
+from .paired import compare
 from .report import ConditionResult, EvalReport
 
 ModelArg = Union[str, Path, ModelAdapter]
@@ -116,7 +117,8 @@ def evaluate(
             _build(name, made, setup, built, progress, demos_dir)
         answered = _answer_all(answerer, names, built, items, max_new_tokens, progress)
         runtime = {**answerer.describe(), "compile_device": device or "the compiler's default"}
-    results = [_score(made[n], built[n], items, answered[built[n].key], built[REFERENCE], runtime) for n in names]
+    results = _paired_with_reference([_score(made[n], built[n], items, answered[built[n].key], built[REFERENCE], runtime)
+                                      for n in names])
     answers = {d.answer.strip() for d in demos}
     return EvalReport(
         model=adapter.name, demos=len(demos), test_items=len(items),
@@ -265,6 +267,18 @@ def _score(condition: Condition, ctx: Context, items: list[Demo], a: Answered, r
         js_to_full_context=sum(a.js) / len(a.js), compile_seconds=ctx.compile_seconds,
         settings=_settings(ctx), predictions=a.predictions, correct_items=correct,
     )
+
+
+def _paired_with_reference(results: list[ConditionResult]) -> list[ConditionResult]:
+    """Each condition's items lost and won against full-context's, when full-context was answered too."""
+    reference = next((r for r in results if r.name == REFERENCE), None)
+    if reference is None:
+        return results
+    for r in results:
+        if r is not reference:
+            paired = compare(reference.correct_items, r.correct_items)
+            r.lost_to_full_context, r.won_over_full_context, r.p_vs_full_context = paired.lost, paired.won, paired.p_value
+    return results
 
 
 def _settings(ctx: Context) -> dict | None:
