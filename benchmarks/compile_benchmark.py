@@ -36,6 +36,7 @@ from emloc_edge.compile.compressor import CompileOptions, Compressor
 from emloc_edge.compile.demos import Demo, load_demos
 from emloc_edge.compile.divergence import js_divergence
 from emloc_edge.compile.query import greedy_answer_and_logits, memory_kv
+from emloc_edge.evaluate.paired import compare
 from emloc_edge.memory import with_precision
 from emloc_edge.models.chat import Piece
 from emloc_edge.models.decoder import LayerKV, RaggedDecoder
@@ -61,6 +62,7 @@ VARIANTS = {
     "exact": ("exact_js", True),  # decided on the whole LM head
     "stored": ("judges_stored", True),  # candidates judged as stored (after the int8 round trip)
     "computed": ("judges_stored", False),  # judged as computed (fp32), stored after
+    "vnorm": ("score_weight", "value-norm"),  # attention mass times the value's norm scores a token
 }
 
 
@@ -138,20 +140,20 @@ def answer_line(tokenizer, ids: list[int]) -> str:
 
 
 class Scorer:
-    """Answers the queries with a memory: accuracy, first-token log-probs (for JS and KL)."""
+    """Answers the queries with a memory: per-query correctness, first-token log-probs (for JS and KL)."""
 
     def __init__(self, adapter, queries: list[Demo]) -> None:
         self.adapter, self.queries = adapter, queries
 
-    def run(self, memory) -> tuple[float, list[torch.Tensor]]:
+    def run(self, memory) -> tuple[list[bool], list[torch.Tensor]]:
         kv = memory_kv(memory)
-        right, firsts = 0, []
+        right, firsts = [], []
         for q in self.queries:
             ids, first = greedy_answer_and_logits(self.adapter, kv, memory.meta.position_offset, q.question, q.image,
                                                   max_new_tokens=8)
-            right += answer_line(self.adapter.tokenizer, ids) == q.answer
+            right.append(answer_line(self.adapter.tokenizer, ids) == q.answer)
             firsts.append(first.float().log_softmax(-1))
-        return right / len(self.queries), firsts
+        return right, firsts
 
 
 def kl(p_logs: list[torch.Tensor], q_logs: list[torch.Tensor]) -> float:
@@ -208,7 +210,8 @@ def main() -> None:
     prefill_s, tokens = full_prefill_seconds(adapter, demos, args.repeats)
     full = Compressor(adapter, CompileOptions(delta=-1.0, chunk_size=args.chunk_size, precision="fp32")).compile(demos)
     assert full.meta.context_tokens == tokens, (full.meta.context_tokens, tokens)
-    acc_full, full_logs = scorer.run(full)
+    right_full, full_logs = scorer.run(full)
+    acc_full = sum(right_full) / len(queries)
     fp16_full_bytes = 2 * g.num_layers * g.num_kv_heads * g.head_dim * tokens * 2
     head = {
         "model": adapter.name, "demos": len(demos), "queries": len(queries), "chunks": len(full.meta.chunks),
@@ -232,14 +235,16 @@ def main() -> None:
             compile_s = time.perf_counter() - start
             with tempfile.TemporaryDirectory() as tmp:
                 file_bytes = memory.save(Path(tmp) / "task.emloc")
-            acc, logs = scorer.run(memory)
+            right, logs = scorer.run(memory)
+            paired = compare(right_full, right)  # the queries lost and won against the full context
             s = compressor.stats
             row = {
                 "policy": policy, "delta": delta, "precision": precision, "compile_s": round(compile_s, 1),
                 "compile_over_prefill": round(compile_s / prefill_s, 1),
                 "trials_requested": s.requested, "trials_run": s.run, "trials_restricted": s.restricted,
                 "trials_full_head": s.full_heads, "kept_fraction": round(memory.meta.compression, 4),
-                "file_bytes": file_bytes, "accuracy": round(acc, 3),
+                "file_bytes": file_bytes, "accuracy": round(sum(right) / len(queries), 3),
+                "lost_vs_full": paired.lost, "won_vs_full": paired.won, "p_vs_full": float(f"{paired.p_value:.3g}"),
                 "js_to_full": round(statistics.mean(js_divergence(a[None], b[None]) for a, b in zip(logs, full_logs)), 5),
             }
             if precision == "fp32":  # the same kept tokens stored int8: KL at the first answer token

@@ -16,6 +16,7 @@ from emloc_edge.compile.compressor import CompileOptions, Compressor
 from emloc_edge.compile.divergence import js_divergence
 from emloc_edge.compile.policy import POLICIES, GreedyTopDown, ProfileVerified, greedy_top_down
 from emloc_edge.compile.restricted_js import RestrictedHead, full_js
+from emloc_edge.compile.scoring import TOKEN_WEIGHTS
 from emloc_edge.errors import BadInputError
 from emloc_edge.memory import with_precision
 from emloc_edge.compile.query import memory_kv
@@ -291,3 +292,34 @@ def test_scores_from_every_calibration_token(llama, tmp_path):
     for layer in by_all.layers:
         for head in layer.token_index:
             assert answers <= set(head.tolist())
+
+
+def test_value_norm_weights_each_tokens_attention_before_smoothing(llama, tmp_path, monkeypatch):
+    """score_weight = "value-norm" (compile_benchmark's "+vnorm"): a token's attention mass is multiplied
+    by its value's norm, per layer and KV head, before the spans are smoothed. Checked with a weight that
+    is zero but on one token: only that token's smoothing window scores, and only where it is attended."""
+    demos = make_demos("llama", 4, tmp_path, long=True)
+    compressor = Compressor(llama, CompileOptions(chunk_size=4, precision="fp32"))
+    rendered = compressor._render_chunk(demos, with_system=True)
+    chunk, calib = llama.embed([rendered.sequence]), llama.embed(rendered.calibration)
+    empty = [LayerKV.empty(llama.geometry.num_kv_heads, llama.geometry.head_dim)] * llama.geometry.num_layers
+    forced = torch.zeros(chunk.input_ids.shape[1], dtype=torch.bool)  # nothing forced: every score finite
+    one = 7
+    monkeypatch.setitem(TOKEN_WEIGHTS, "one-token", lambda value: torch.nn.functional.one_hot(
+        torch.full(value.shape[:1], one), value.shape[1]).float())  # [kv, L]: 1 at token `one`
+    with torch.no_grad():
+        plain = ChunkSearch(compressor.decoder, empty, chunk, calib, 0, "fp32", forced=forced)
+        single = ChunkSearch(compressor.decoder, empty, chunk, calib, 0, "fp32", forced=forced, score_weight="one-token")
+        by_norm = ChunkSearch(compressor.decoder, empty, chunk, calib, 0, "fp32", forced=forced,
+                              score_weight="value-norm")
+    width = 5  # smooth_scores' window
+    for l, (k, v) in enumerate(plain.chunk_kv):
+        outside = torch.ones(k.shape[1], dtype=torch.bool)
+        outside[one - width // 2 : one + width // 2 + 1] = False
+        assert (single.importance[l][:, outside] == 0).all() and (single.importance[l][:, ~outside] > 0).all()
+        assert not torch.equal(by_norm.importance[l], plain.importance[l])
+    assert torch.equal(TOKEN_WEIGHTS["value-norm"](plain.chunk_kv[0][1]), plain.chunk_kv[0][1].norm(dim=-1))
+    options = dict(delta=math.inf, chunk_size=4, precision="fp32", policy="uniform", ratios=(0.3,))
+    weighted = Compressor(llama, _Judged(**options, judging={"score_weight": "value-norm"})).compile(demos)
+    answers = set(np.flatnonzero(rendered.sequence.answer_mask).tolist())
+    assert all(answers <= set(head.tolist()) for layer in weighted.layers for head in layer.token_index)

@@ -26,6 +26,7 @@ from .restricted_js import RestrictedHead
 from .scoring import (
     FORCED_TOKENS,
     SCORING_TOKENS,
+    TOKEN_WEIGHTS,
     gather_tokens,
     keep_count,
     keep_topk,
@@ -122,6 +123,7 @@ class ChunkSearch:
         calib_blind_to: torch.Tensor | None = None,
         segment: torch.Tensor | None = None,
         ranking_rows: int | None = None,  # single-layer trials (try_keep) judged on this many rows, evenly spaced
+        score_weight: str = "attention",  # "value-norm": a token's attention mass times its value's norm
     ) -> None:
         self.decoder, self.memory, self.chunk, self.calib = decoder, memory, chunk, calib
         self.offset, self.precision, self.on_settle, self.exact_js = offset, precision, on_settle, exact_js
@@ -151,7 +153,8 @@ class ChunkSearch:
         if getattr(head, "bias", None) is not None:
             raise NotImplementedError("an LM head with a bias")  # no supported family has one
         self.head = RestrictedHead(head.weight, decoder.stack.norm(teacher.hidden[calib.answer_mask]))
-        self.importance = [smooth_scores(s, forced) for s in teacher.scores]  # per layer [kv, L]
+        weights = [TOKEN_WEIGHTS[score_weight](v) for _, v in self.chunk_kv]  # per layer [kv, L]
+        self.importance = [smooth_scores(s * w, forced) for s, w in zip(teacher.scores, weights)]  # per layer [kv, L]
         self.ranking = None
         rows = calib.input_ids.shape[0]
         if ranking_rows is not None and ranking_rows < rows:
@@ -340,7 +343,7 @@ def compress_chunk(
     search = ChunkSearch(decoder, memory, chunk, calib, offset, precision, on_settle, forced,
                          exact_js=policy.exact_js, scores_from=policy.scores_from,
                          token_origin=token_origin, calib_blind_to=calib_blind_to, segment=segment,
-                         ranking_rows=policy.ranking_rows)
+                         ranking_rows=policy.ranking_rows, score_weight=policy.score_weight)
     policy.decide(search)
     return search.result(demos)
 

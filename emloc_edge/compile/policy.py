@@ -55,6 +55,8 @@ class LayerBudgetPolicy(Protocol):
     scores_from: str  # "answer": the calibration answers' attention scores a chunk's tokens; "all": every calibration token's
     sink_segment: bool  # a fresh compile keeps the context's first token in every layer, stored as its own segment
     ranking_rows: int | None  # single-layer trials (try_keep) judged on this many calibration rows (None: all)
+    score_weight: str  # "attention": a token scores its attention mass; "value-norm": times its value's norm
+    # (measured for emloc-context on validation: the same sizes and answers on both tasks, JS 3-5% lower; not the default)
 
     def decide(self, search: ChunkSearch) -> None: ...
 
@@ -77,6 +79,7 @@ class Judging:
     scores_from: str = "answer"
     sink_segment: bool = False
     ranking_rows: int | None = None
+    score_weight: str = "attention"
 
 
 def greedy_top_down(search: ChunkSearch, delta: float, ratios: tuple[float, ...]) -> list[float]:

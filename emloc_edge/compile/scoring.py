@@ -75,3 +75,8 @@ FORCED_TOKENS = dict(zip(FORCES, (answer_span_tokens, answer_and_end_tokens, con
 # answers' (the paper's), or every token's (the image and question tokens attend to the demonstrations
 # that resemble them, as a new item's would)
 SCORING_TOKENS = {"answer": lambda calib: calib.answer_mask, "all": lambda calib: calib.attention_mask}
+
+# policy.score_weight -> function(value [kv, L, hd]) -> [kv, L] weight multiplying a token's attention mass:
+# none, or the norm of its value (what the token adds to an output is its attention times its value)
+TOKEN_WEIGHTS = {"attention": lambda value: value.new_ones(value.shape[:2]),
+                 "value-norm": lambda value: value.float().norm(dim=-1)}
