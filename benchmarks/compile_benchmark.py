@@ -251,14 +251,14 @@ def main() -> None:
                 _, int8_logs = scorer.run(with_precision(memory, "int8"))
                 row["kl_fp32_to_int8_same_tokens"] = float(f"{kl(logs, int8_logs):.3g}")
             compiled[precision] = memory
-            rows.append(row)
             print(json.dumps(row), flush=True)
+            rows.append({**row, "correct_items": right})  # per query, for paired comparisons (JSON only)
         if {"int8", "fp32"} <= set(compiled):  # (chunk, layer) keep counts an int8 compile decides differently
             pairs = [(a, b) for ca, cb in zip(compiled["int8"].meta.chunks, compiled["fp32"].meta.chunks)
                      for a, b in zip(ca.kept_per_layer, cb.kept_per_layer)]
             rows[-1]["int8_vs_fp32_decisions_differ"] = round(sum(a != b for a, b in pairs) / len(pairs), 4)
             print(f"{policy}: int8 vs fp32 compile, decisions differ {rows[-1]['int8_vs_fp32_decisions_differ']}")
-    result = {**head, "rows": rows}
+    result = {**head, "correct_items_full_context": right_full, "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

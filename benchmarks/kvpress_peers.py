@@ -158,12 +158,12 @@ def main() -> None:
             start = time.perf_counter()
             cache, kept_fraction, dense = compress(model, context, None if name == "none" else make_press(name, kept))
             compress_s = time.perf_counter() - start
-            right = sum(answer(adapter, model, cache, context, q.question, q.image) == q.answer for q in queries)
+            right = [answer(adapter, model, cache, context, q.question, q.image) == q.answer for q in queries]
             row = {"press": name, "target_kept": kept, "kept_fraction": round(kept_fraction, 4),
                    "dense_kept_fraction": round(dense, 4),
-                   "accuracy": round(right / len(queries), 3), "compress_s": round(compress_s, 2)}
-            rows.append(row)
+                   "accuracy": round(sum(right) / len(queries), 3), "compress_s": round(compress_s, 2)}
             print(json.dumps(row), flush=True)
+            rows.append({**row, "correct_items": right})  # per query, for paired comparisons
     if args.json:
         args.json.write_text(json.dumps({**head, "rows": rows}, indent=2))
 
