@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import BadInputError
-from .paired import PairedComparison
 from ..textout import comma_list, finite as _finite, human_size as _size
+from .paired import PairedComparison
 
 
 @dataclass
@@ -64,10 +64,10 @@ class EvalReport:
 
     def table(self) -> str:
         """Aligned plain-text table, one row per condition, then a line with chance and the setup."""
-        head = ("condition", "accuracy", "vs full", "memory", "stored", "of full", "kept/layer", "kept", "weights", "ms/query",
-                "TTFT ms", "tok/s", "JS to full", "compile s")
-        rows = [(c.name, f"{c.accuracy:.3f} ({c.correct}/{c.total})", _paired(c), _size(c.memory_bytes), c.precision or "-",
-                 f"{100 * c.size_vs_full_context:.1f}%", f"{c.mean_kept_tokens_per_layer:.1f}",
+        head = ("condition", "accuracy", "vs full", "memory", "stored", "of full", "kept/layer", "kept", "weights",
+                "ms/query", "TTFT ms", "tok/s", "JS to full", "compile s")
+        rows = [(c.name, f"{c.accuracy:.3f} ({c.correct}/{c.total})", _paired(c), _size(c.memory_bytes),
+                 c.precision or "-", f"{100 * c.size_vs_full_context:.1f}%", f"{c.mean_kept_tokens_per_layer:.1f}",
                  f"{100 * c.kept_fraction:.1f}%", c.weights, f"{c.ms_per_query:.1f}", _opt(c.ttft_ms),
                  _opt(c.tokens_per_s), f"{c.js_to_full_context:.4f}", f"{c.compile_seconds:.2f}")
                 for c in self.conditions]

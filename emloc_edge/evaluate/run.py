@@ -117,8 +117,8 @@ def evaluate(
             _build(name, made, setup, built, progress, demos_dir)
         answered = _answer_all(answerer, names, built, items, max_new_tokens, progress)
         runtime = {**answerer.describe(), "compile_device": device or "the compiler's default"}
-    results = _paired_with_reference([_score(made[n], built[n], items, answered[built[n].key], built[REFERENCE], runtime)
-                                      for n in names])
+    scored = [_score(made[n], built[n], items, answered[built[n].key], built[REFERENCE], runtime) for n in names]
+    results = _paired_with_reference(scored)
     answers = {d.answer.strip() for d in demos}
     return EvalReport(
         model=adapter.name, demos=len(demos), test_items=len(items),
@@ -277,7 +277,8 @@ def _paired_with_reference(results: list[ConditionResult]) -> list[ConditionResu
     for r in results:
         if r is not reference:
             paired = compare(reference.correct_items, r.correct_items)
-            r.lost_to_full_context, r.won_over_full_context, r.p_vs_full_context = paired.lost, paired.won, paired.p_value
+            r.lost_to_full_context, r.won_over_full_context = paired.lost, paired.won
+            r.p_vs_full_context = paired.p_value
     return results
 
 
