@@ -70,8 +70,7 @@ VARIANTS = {
 class VariantOptions(CompileOptions):
     """A policy with some of its judging settings changed, e.g. "emloc+next+content" (VARIANTS);
     "+w3" takes the profile as the per-layer median of the last 3 searches; "+r16" calibrates a
-    "held-out" policy on 16 rows; "+k4" judges its single-layer (ranking) trials on 4 of them; "+s50" scores the
-    tokens with 50 held-out rows in a pass of their own."""
+    "held-out" policy on 16 rows; "+k4" judges its single-layer (ranking) trials on 4 of them."""
 
     variant: tuple[str, ...] = ()
 
@@ -84,8 +83,6 @@ class VariantOptions(CompileOptions):
                 policy.calibration_rows = int(v[1:])
             elif v[:1] == "k" and v[1:].isdigit():
                 policy.ranking_rows = int(v[1:])
-            elif v[:1] == "s" and v[1:].isdigit():
-                policy.scoring_rows = int(v[1:])
             else:
                 setattr(policy, *VARIANTS[v])
         return policy

@@ -323,24 +323,3 @@ def test_value_norm_weights_each_tokens_attention_before_smoothing(llama, tmp_pa
     weighted = Compressor(llama, _Judged(**options, judging={"score_weight": "value-norm"})).compile(demos)
     answers = set(np.flatnonzero(rendered.sequence.answer_mask).tolist())
     assert all(answers <= set(head.tolist()) for layer in weighted.layers for head in layer.token_index)
-
-
-def test_scoring_rows_score_the_tokens_in_a_pass_of_their_own(llama, tmp_path):
-    """scoring (policy.scoring_rows, compile_benchmark's "+sN"): other rows score the chunk's tokens in a
-    pass of their own, fed after the chunk as the calibration rows are. Given the calibration rows
-    themselves it must reproduce the calibration pass's scores; other rows score differently, and the
-    JS trials still run on the calibration rows (the same teacher distributions)."""
-    demos = make_demos("llama", 6, tmp_path, long=True)
-    compressor = Compressor(llama, CompileOptions(chunk_size=6, precision="fp32"))
-    rendered = compressor._render_chunk(demos, with_system=True)
-    chunk = llama.embed([rendered.sequence])
-    calib, others = llama.embed(rendered.calibration[:2]), llama.embed(rendered.calibration[2:])
-    empty = [LayerKV.empty(llama.geometry.num_kv_heads, llama.geometry.head_dim)] * llama.geometry.num_layers
-    with torch.no_grad():
-        plain = ChunkSearch(compressor.decoder, empty, chunk, calib, 0, "fp32")
-        same = ChunkSearch(compressor.decoder, empty, chunk, calib, 0, "fp32", scoring=(calib, None))
-        other = ChunkSearch(compressor.decoder, empty, chunk, calib, 0, "fp32", scoring=(others, None))
-    for l in range(llama.geometry.num_layers):
-        assert torch.allclose(same.importance[l], plain.importance[l], rtol=1e-5, atol=1e-7)
-        assert not torch.allclose(other.importance[l], plain.importance[l])
-    assert torch.equal(other.head.log_q, plain.head.log_q)

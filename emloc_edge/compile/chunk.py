@@ -124,8 +124,6 @@ class ChunkSearch:
         segment: torch.Tensor | None = None,
         ranking_rows: int | None = None,  # single-layer trials (try_keep) judged on this many rows, evenly spaced
         score_weight: str = "attention",  # "value-norm": a token's attention mass times its value's norm
-        scoring: tuple[Batch, torch.Tensor | None] | None = None,  # (rows, blind_to) that score the tokens
-        # instead of the calibration rows (None: the calibration pass scores them)
     ) -> None:
         self.decoder, self.memory, self.chunk, self.calib = decoder, memory, chunk, calib
         self.offset, self.precision, self.on_settle, self.exact_js = offset, precision, on_settle, exact_js
@@ -156,8 +154,7 @@ class ChunkSearch:
             raise NotImplementedError("an LM head with a bias")  # no supported family has one
         self.head = RestrictedHead(head.weight, decoder.stack.norm(teacher.hidden[calib.answer_mask]))
         weights = [TOKEN_WEIGHTS[score_weight](v) for _, v in self.chunk_kv]  # per layer [kv, L]
-        scores = teacher.scores if scoring is None else self._scores(scoring, full, scores_from)
-        self.importance = [smooth_scores(s * w, forced) for s, w in zip(scores, weights)]  # per layer [kv, L]
+        self.importance = [smooth_scores(s * w, forced) for s, w in zip(teacher.scores, weights)]  # per layer [kv, L]
         self.ranking = None
         rows = calib.input_ids.shape[0]
         if ranking_rows is not None and ranking_rows < rows:
@@ -191,16 +188,6 @@ class ChunkSearch:
                 values[l].append(v[0])
                 memory[l] = memory[l].extend(k[0], v[0])
         return [(torch.cat(k, 1), torch.cat(v, 1)) for k, v in zip(keys, values)]
-
-    def _scores(self, scoring: tuple[Batch, torch.Tensor | None], full: list[LayerKV], scores_from: str
-                ) -> list[torch.Tensor]:
-        """Per layer [kv, L]: the chunk's tokens scored by other rows, fed after it as the calibration is."""
-        rows, blind_to = scoring
-        out = self.decoder.forward(
-            rows.inputs_embeds, rows.position_ids + self.offset + self.span, rows.attention_mask, full,
-            scoring=Scoring(SCORING_TOKENS[scores_from](rows), [len(m) for m in self.memory]), blind_to=blind_to,
-        )
-        return out.scores
 
     # --- the protocol -----------------------------------------------------------------------------
     def keep_count(self, ratio: float) -> int:
@@ -343,7 +330,6 @@ def compress_chunk(
     calib_blind_to: torch.Tensor | None = None,
     segment: torch.Tensor | None = None,
     keep_first: bool = False,
-    scoring: tuple[Batch, torch.Tensor | None] | None = None,
 ) -> ChunkResult:
     """Search the chunk as `policy` judges it (its forced tokens, JS and scores) and prune it. With
     token_origin [L] and calib_blind_to [B], calibration row b does not see the chunk tokens of
@@ -357,7 +343,7 @@ def compress_chunk(
     search = ChunkSearch(decoder, memory, chunk, calib, offset, precision, on_settle, forced,
                          exact_js=policy.exact_js, scores_from=policy.scores_from,
                          token_origin=token_origin, calib_blind_to=calib_blind_to, segment=segment,
-                         ranking_rows=policy.ranking_rows, score_weight=policy.score_weight, scoring=scoring)
+                         ranking_rows=policy.ranking_rows, score_weight=policy.score_weight)
     policy.decide(search)
     return search.result(demos)
 

@@ -11,7 +11,7 @@ import torch
 from .. import __version__
 from ..errors import BadInputError, ModelMismatchError
 from ..memory import PRECISIONS, ChunkRecord, MemoryMeta, TaskMemory
-from ..models.base import Batch, ModelAdapter, Sequence
+from ..models.base import ModelAdapter, Sequence
 from ..models.chat import Piece
 from ..models.decoder import LayerKV
 from ..textout import comma_list
@@ -134,7 +134,6 @@ class Compressor:
                 calib_blind_to=None if blind_to is None else torch.tensor(blind_to, device=dev) + first_demo,
                 segment=_segments(part, self.options.chunk_size, policy, dev),
                 keep_first=(sink := policy.sink_segment and first and k == 0),
-                scoring=self._scoring_rows(rendered, k, policy, first_demo),
             )
             self.stats.add(result.stats)
             for keys, values, index, record in _stored_segments(result, sink):
@@ -147,15 +146,6 @@ class Compressor:
         return memory
 
     # --- steps ------------------------------------------------------------------------------------
-    def _scoring_rows(self, rendered: list[RenderedChunk], k: int, policy: LayerBudgetPolicy, first_demo: int
-                      ) -> tuple[Batch, torch.Tensor] | None:
-        """The held-out rows that score chunk k's tokens in a pass of their own, if the policy asks for them."""
-        if policy.scoring_rows is None or policy.calibration != "held-out":
-            return None
-        rows, blind_to = _calibration(rendered, k, "held-out", policy.scoring_rows)
-        dev = self.torch_device
-        return to_device(self.adapter.embed(rows), dev), torch.tensor(blind_to, device=dev) + first_demo
-
     def _start(self, existing: TaskMemory | None) -> TaskMemory:
         a, g = self.adapter, self.adapter.geometry
         if existing is not None:

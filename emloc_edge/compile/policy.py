@@ -57,8 +57,6 @@ class LayerBudgetPolicy(Protocol):
     ranking_rows: int | None  # single-layer trials (try_keep) judged on this many calibration rows (None: all)
     score_weight: str  # "attention": a token scores its attention mass; "value-norm": times its value's norm
     # (measured for emloc-context on validation: the same sizes and answers on both tasks, JS 3-5% lower; not the default)
-    scoring_rows: int | None  # "held-out" calibration: this many rows (each blind to its own copy) score the tokens
-    # in a pass of their own (None: the calibration rows score them)
 
     def decide(self, search: ChunkSearch) -> None: ...
 
@@ -82,7 +80,6 @@ class Judging:
     sink_segment: bool = False
     ranking_rows: int | None = None
     score_weight: str = "attention"
-    scoring_rows: int | None = None
 
 
 def greedy_top_down(search: ChunkSearch, delta: float, ratios: tuple[float, ...]) -> list[float]:
