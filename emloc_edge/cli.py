@@ -45,7 +45,8 @@ def main() -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Memory file to write [default: task.emloc, or the --append file].")
 @click.option("--delta", type=float, default=None, help="JS divergence tolerance in nats [default: 0.005].")
-@click.option("--ratios", callback=_ratios, default=None, help=f"Candidate keep ratios, smallest first [default: the policy's own: "
+@click.option("--ratios", callback=_ratios, default=None,
+              help=f"Candidate keep ratios, smallest first [default: the policy's own: "
                    f"{comma_list(default_ratios(DEFAULT_POLICY))} for {DEFAULT_POLICY}, the paper's "
                    f"{comma_list(PAPER_RATIOS)} for the others].")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=None, help="Demonstrations per chunk, for the chunk-wise policies [default: 4].")

@@ -53,7 +53,8 @@ def serve(model_dir: Path, memories_dir: Path, **options: object) -> None:
 @click.option("--plot", type=click.Path(path_type=Path), default=None,
               help="Draw accuracy against memory size (MB) and against kept fraction, a line per policy (.png).")
 @click.option("--delta", type=float, default=None, help="EMLoC JS tolerance in nats [default: the compiler's].")
-@click.option("--ratios", callback=_ratios, default=None, help="EMLoC candidate keep ratios [default: each policy's own, as in compile].")
+@click.option("--ratios", callback=_ratios, default=None,
+              help="EMLoC candidate keep ratios [default: each policy's own, as in compile].")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=None, help="Demonstrations per chunk, for the chunk-wise policies [default: 4].")
 @click.option("--policy", default=None, help="Main compile policy: its POLICY-fp32/-int8 are default conditions and "
                                              "it sizes uniform-int8 [default: the compiler's].")
@@ -94,8 +95,8 @@ def eval_command(demos_dir: Path, test_dir: Path, model: Path | None, json_out: 
     PyTorch. Reports accuracy (exact match), items lost and won against full-context on the same items
     with the exact sign test's p ("vs full": -3 +0 (p 0.25) is no evidence of a loss), memory bytes and
     precision, kept tokens, median ms per query, TTFT and tokens/s (ort), mean JS divergence of the first
-    answer token to full-context, and compile time. TEST_DIR has the layout of a demos folder. Needs the [compile] extra (torch,
-    transformers; matplotlib for --plot).
+    answer token to full-context, and compile time. TEST_DIR has the layout of a demos folder. Needs the
+    [compile] extra (torch, transformers; matplotlib for --plot).
     """
     from .evaluate.progress import TqdmProgress
     from .evaluate.report import check_output

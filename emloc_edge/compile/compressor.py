@@ -65,7 +65,8 @@ class CompileOptions:
 
     def hyperparameters(self) -> dict:
         given = {"forced": self.forced} if self.forced is not None else {}  # absent: the policy's own (older files too)
-        return {"delta": self.delta, "ratios": list(self.keep_ratios), "chunk_size": self.chunk_size, "policy": self.policy, **given}
+        return {"delta": self.delta, "ratios": list(self.keep_ratios), "chunk_size": self.chunk_size,
+                "policy": self.policy, **given}
 
 
 class Progress(Protocol):

@@ -56,7 +56,8 @@ class LayerBudgetPolicy(Protocol):
     sink_segment: bool  # a fresh compile keeps the context's first token in every layer, stored as its own segment
     ranking_rows: int | None  # single-layer trials (try_keep) judged on this many calibration rows (None: all)
     score_weight: str  # "attention": a token scores its attention mass; "value-norm": times its value's norm
-    # (measured for emloc-context on validation: the same sizes and answers on both tasks, JS 3-5% lower; not the default)
+    # (measured for emloc-context on validation: the same sizes and answers on both tasks, JS 3-5% lower;
+    # not the default)
 
     def decide(self, search: ChunkSearch) -> None: ...
 

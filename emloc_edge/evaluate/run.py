@@ -117,8 +117,8 @@ def evaluate(
             _build(name, made, setup, built, progress, demos_dir)
         answered = _answer_all(answerer, names, built, items, max_new_tokens, progress)
         runtime = {**answerer.describe(), "compile_device": device or "the compiler's default"}
-    scored = [_score(made[n], built[n], items, answered[built[n].key], built[REFERENCE], runtime) for n in names]
-    results = _paired_with_reference(scored)
+    results = [_score(made[n], built[n], items, answered[built[n].key], built[REFERENCE], runtime) for n in names]
+    _pair_with_reference(results)
     answers = {d.answer.strip() for d in demos}
     return EvalReport(
         model=adapter.name, demos=len(demos), test_items=len(items),
@@ -269,17 +269,14 @@ def _score(condition: Condition, ctx: Context, items: list[Demo], a: Answered, r
     )
 
 
-def _paired_with_reference(results: list[ConditionResult]) -> list[ConditionResult]:
-    """Each condition's items lost and won against full-context's, when full-context was answered too."""
+def _pair_with_reference(results: list[ConditionResult]) -> None:
+    """Set each condition's items lost and won against full-context's, when full-context was answered too."""
     reference = next((r for r in results if r.name == REFERENCE), None)
-    if reference is None:
-        return results
-    for r in results:
+    for r in results if reference is not None else ():
         if r is not reference:
             paired = compare(reference.correct_items, r.correct_items)
             r.lost_to_full_context, r.won_over_full_context = paired.lost, paired.won
             r.p_vs_full_context = paired.p_value
-    return results
 
 
 def _settings(ctx: Context) -> dict | None:
