@@ -70,7 +70,8 @@ VARIANTS = {
 class VariantOptions(CompileOptions):
     """A policy with some of its judging settings changed, e.g. "emloc+next+content" (VARIANTS);
     "+w3" takes the profile as the per-layer median of the last 3 searches; "+r16" calibrates a
-    "held-out" policy on 16 rows; "+k4" judges its single-layer (ranking) trials on 4 of them."""
+    "held-out" policy on 16 rows; "+k4" judges its single-layer (ranking) trials on 4 of them; "+m95"
+    merges evicted values into kept tokens whose keys have cosine >= 0.95 with theirs."""
 
     variant: tuple[str, ...] = ()
 
@@ -83,6 +84,8 @@ class VariantOptions(CompileOptions):
                 policy.calibration_rows = int(v[1:])
             elif v[:1] == "k" and v[1:].isdigit():
                 policy.ranking_rows = int(v[1:])
+            elif v[:1] == "m" and v[1:].isdigit():
+                policy.merge_threshold = int(v[1:]) / 100
             else:
                 setattr(policy, *VARIANTS[v])
         return policy

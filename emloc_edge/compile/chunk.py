@@ -31,6 +31,7 @@ from .scoring import (
     keep_count,
     keep_topk,
     keep_topk_per_segment,
+    merge_evicted_values,
     smooth_scores,
 )
 
@@ -103,6 +104,8 @@ class ChunkSearch:
     head: RestrictedHead  # the LM head, with the teacher's answer distributions
     ranking: tuple[torch.Tensor, RestrictedHead] | None  # rows [k] and head single-layer trials use (None: all)
     importance: list[torch.Tensor]  # per layer [kv, L] smoothed scores (forced tokens +inf)
+    mass: list[torch.Tensor]  # per layer [kv, L] the attention each token received (before weights and smoothing)
+    merge_threshold: float | None  # evicted values merged into kept ones at this key cosine (None: dropped)
     working: list[LayerKV]  # per layer: memory + the chunk as settled so far (unsettled: whole)
     settled: dict[int, tuple[_Choice, float, float | None]]  # layer -> (choice, ratio, js)
     stats: TrialStats
@@ -124,10 +127,12 @@ class ChunkSearch:
         segment: torch.Tensor | None = None,
         ranking_rows: int | None = None,  # single-layer trials (try_keep) judged on this many rows, evenly spaced
         score_weight: str = "attention",  # "value-norm": a token's attention mass times its value's norm
+        merge_threshold: float | None = None,  # evicted values merged into the most similar kept key's
     ) -> None:
         self.decoder, self.memory, self.chunk, self.calib = decoder, memory, chunk, calib
         self.offset, self.precision, self.on_settle, self.exact_js = offset, precision, on_settle, exact_js
         self.token_origin, self.calib_blind_to, self.segment = token_origin, calib_blind_to, segment
+        self.merge_threshold = merge_threshold
         self.num_layers = decoder.geometry.num_layers
         # 1. Prefill the chunk against the frozen memory, keeping its own K/V (rotated at their positions).
         self.chunk_kv = self._prefill()
@@ -153,8 +158,9 @@ class ChunkSearch:
         if getattr(head, "bias", None) is not None:
             raise NotImplementedError("an LM head with a bias")  # no supported family has one
         self.head = RestrictedHead(head.weight, decoder.stack.norm(teacher.hidden[calib.answer_mask]))
+        self.mass = teacher.scores  # per layer [kv, L]
         weights = [TOKEN_WEIGHTS[score_weight](v) for _, v in self.chunk_kv]  # per layer [kv, L]
-        self.importance = [smooth_scores(s * w, forced) for s, w in zip(teacher.scores, weights)]  # per layer [kv, L]
+        self.importance = [smooth_scores(s * w, forced) for s, w in zip(self.mass, weights)]  # per layer [kv, L]
         self.ranking = None
         rows = calib.input_ids.shape[0]
         if ranking_rows is not None and ranking_rows < rows:
@@ -241,6 +247,8 @@ class ChunkSearch:
                 index = keep_topk_per_segment(self.importance[layer], self.segment, self._quotas[count])
             k, v = self.chunk_kv[layer]
             key, value = gather_tokens(k, index), gather_tokens(v, index)  # [kv, n, hd]
+            if self.merge_threshold is not None:
+                value = merge_evicted_values(k, v, index, self.mass[layer].to(v.dtype), self.merge_threshold)
             stored = self.memory[layer].extend(*_roundtrip(key, value, self.precision), self._origin_of(index, k))
             self._choices[(layer, count)] = _Choice(count, index, key, value, stored)
         return self._choices[(layer, count)]
@@ -343,7 +351,8 @@ def compress_chunk(
     search = ChunkSearch(decoder, memory, chunk, calib, offset, precision, on_settle, forced,
                          exact_js=policy.exact_js, scores_from=policy.scores_from,
                          token_origin=token_origin, calib_blind_to=calib_blind_to, segment=segment,
-                         ranking_rows=policy.ranking_rows, score_weight=policy.score_weight)
+                         ranking_rows=policy.ranking_rows, score_weight=policy.score_weight,
+                         merge_threshold=policy.merge_threshold)
     policy.decide(search)
     return search.result(demos)
 
