@@ -248,7 +248,7 @@ class ChunkSearch:
             k, v = self.chunk_kv[layer]
             key, value = gather_tokens(k, index), gather_tokens(v, index)  # [kv, n, hd]
             if self.merge_threshold is not None:
-                value = merge_evicted_values(k, v, index, self.mass[layer].to(v.dtype), self.merge_threshold)
+                value = merge_evicted_values(k, v, index, self.mass[layer], self.merge_threshold, self.token_origin)
             stored = self.memory[layer].extend(*_roundtrip(key, value, self.precision), self._origin_of(index, k))
             self._choices[(layer, count)] = _Choice(count, index, key, value, stored)
         return self._choices[(layer, count)]

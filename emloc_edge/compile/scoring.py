@@ -1,6 +1,8 @@
 """Token importance from answer-token attention, and selection of the tokens a layer keeps."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -47,26 +49,35 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def merge_evicted_values(key: torch.Tensor, value: torch.Tensor, index: torch.Tensor, mass: torch.Tensor,
-                         threshold: float) -> torch.Tensor:
+                         threshold: float, origin: torch.Tensor | None = None) -> torch.Tensor:
     """Values [kv, n, hd] of the kept tokens index [kv, n], each evicted token's value folded into the
     kept token of its head whose key is most like its own (cosine >= threshold), weighted by attention mass
     (D2O/CaM-style merging; the keys stay as computed, so the memory is still plain past-key-values).
 
     key, value [kv, L, hd] (keys rotated at their positions); mass [kv, L] >= 0 the attention each token
-    received. A kept token j becomes (m_j v_j + sum_e m_e v_e) / (m_j + sum_e m_e) over the evicted e whose
-    nearest kept key is j's. threshold > 1 merges nothing.
+    received; origin [L] (optional): the demonstration of each token, and a token merges only into one of
+    its own demonstration's (a calibration row blind to its own demonstration must not read it through
+    another's token). A kept token j becomes (m_j v_j + sum_e m_e v_e) / (m_j + sum_e m_e) over the evicted
+    e whose nearest eligible kept key is j's. threshold > 1 merges nothing. Computed in float32 (summed
+    attention mass overflows fp16), returned in value's dtype.
     """
     kv, tokens, hd = value.shape
+    value32, mass32 = value.float(), mass.float()
     kept = torch.zeros(kv, tokens, dtype=torch.bool, device=key.device).scatter(1, index, True)  # [kv, L]
     unit = F.normalize(key.float(), dim=-1)  # [kv, L, hd]
-    best, target = (unit @ gather_tokens(unit, index).transpose(1, 2)).max(-1)  # [kv, L] over the kept tokens
-    weight = mass * (~kept & (best >= threshold))  # [kv, L]: what each evicted token brings; 0 for the rest
-    kept_mass, kept_value = mass.gather(1, index), gather_tokens(value, index)  # [kv, n], [kv, n, hd]
+    similarity = unit @ gather_tokens(unit, index).transpose(1, 2)  # [kv, L, n] each token to each kept one
+    if origin is not None:
+        same = origin[None, :, None] == origin[index][:, None, :]  # [kv, L, n]
+        similarity = similarity.masked_fill(~same, -math.inf)
+    best, target = similarity.max(-1)  # [kv, L] over the eligible kept tokens
+    weight = mass32 * (~kept & (best >= threshold))  # [kv, L]: what each evicted token brings; 0 for the rest
+    kept_mass, kept_value = mass32.gather(1, index), gather_tokens(value32, index)  # [kv, n], [kv, n, hd]
     total = (kept_mass[..., None] * kept_value).scatter_add(
-        1, target[..., None].expand(-1, -1, hd), weight[..., None] * value)  # [kv, n, hd]
+        1, target[..., None].expand(-1, -1, hd), weight[..., None] * value32)  # [kv, n, hd]
     norm = kept_mass.scatter_add(1, target, weight)  # [kv, n]
     merged = norm > kept_mass  # [kv, n] something merged in (so norm > 0 there)
-    return torch.where(merged[..., None], total / torch.where(merged, norm, 1.0)[..., None], kept_value)
+    out = torch.where(merged[..., None], total / torch.where(merged, norm, 1.0)[..., None], kept_value)
+    return out.to(value.dtype)
 
 
 def content_tokens(answer: torch.Tensor) -> torch.Tensor:
