@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import Callable, ClassVar, Protocol
 
 from ..errors import BadInputError
 
@@ -52,7 +52,8 @@ class LayerBudgetPolicy(Protocol):
     forces: str  # "answer": every answer-span token is kept; "content": only the answer's own tokens;
     # "answer+end": the answer's tokens and its end-of-turn (not the newline opening the turn)
     exact_js: bool  # decide every trial on the exact JS (else on the restricted-vocabulary lower bound)
-    scores_from: str  # "answer": the calibration answers' attention scores a chunk's tokens; "all": every calibration token's
+    scores_from: str  # "answer": the calibration answers' attention scores a chunk's tokens;
+    # "all": every calibration token's
     sink_segment: bool  # a fresh compile keeps the context's first token in every layer, stored as its own segment
     ranking_rows: int | None  # single-layer trials (try_keep) judged on this many calibration rows (None: all)
     score_weight: str  # "attention": a token scores its attention mass; "value-norm": times its value's norm
@@ -114,19 +115,9 @@ def ranked_prefix(search: ChunkSearch, delta: float, ratios: tuple[float, ...], 
     rate-distortion order, which spends the budget where it removes the most tokens.
     Trials: at most |ratios|·layers single-layer ones (each from its layer up) and
     ceil(log2(steps + 1)) through the whole stack."""
-    whole = search.keep_count(1.0)
     steps = []  # (sort key, layer, rung, ratio); a layer's rungs go down its distinct counts
     for layer in range(search.num_layers) if delta >= 0 else ():
-        ladder = {}  # count -> the smallest ratio giving it
-        for ratio in sorted(ratios, reverse=True):
-            ladder[search.keep_count(ratio)] = ratio
-        counts = sorted((c for c in ladder if c < whole), reverse=True)
-        alone, worst = [], 0.0  # a smaller count is never ranked before a larger one of the same layer
-        for count in counts:
-            worst = max(worst, search.try_keep(layer, count, delta))
-            alone.append(worst)
-        keys = ORDERS[order](alone, [whole - c for c in counts])
-        steps += [(key, layer, rung, ladder[count]) for rung, (key, count) in enumerate(zip(keys, counts))]
+        steps += _layer_steps(search, layer, delta, ratios, ORDERS[order])
         search.measured(layer)
     steps.sort()
 
@@ -145,6 +136,24 @@ def ranked_prefix(search: ChunkSearch, delta: float, ratios: tuple[float, ...], 
     for layer in reversed(range(search.num_layers)):
         search.settle(layer, search.keep_count(chosen[layer]), chosen[layer], js if chosen[layer] < 1.0 else None)
     return chosen
+
+
+def _layer_steps(search: ChunkSearch, layer: int, delta: float, ratios: tuple[float, ...],
+                 keys_of: Callable[[list[float], list[int]], list[float]]) -> list[tuple[float, int, int, float]]:
+    """One layer's (sort key, layer, rung, ratio) steps for `ranked_prefix`: each distinct keep count below
+    the whole chunk measured alone, its JS the worst of its own and the larger counts' (so a smaller count
+    is never ranked before a larger one of the same layer), keyed by `keys_of(JS, tokens removed)`."""
+    whole = search.keep_count(1.0)
+    ladder = {}  # count -> the smallest ratio giving it
+    for ratio in sorted(ratios, reverse=True):
+        ladder[search.keep_count(ratio)] = ratio
+    counts = sorted((c for c in ladder if c < whole), reverse=True)
+    alone, worst = [], 0.0
+    for count in counts:
+        worst = max(worst, search.try_keep(layer, count, delta))
+        alone.append(worst)
+    keys = keys_of(alone, [whole - c for c in counts])
+    return [(key, layer, rung, ladder[count]) for rung, (key, count) in enumerate(zip(keys, counts))]
 
 
 def _slope_keys(alone: list[float], removed: list[int]) -> list[float]:

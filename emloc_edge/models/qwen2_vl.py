@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..compile.demos import open_image
 from ..errors import ModelLoadError
+from ..runtime.image import load_image
 from .base import Batch, Geometry, ModelAdapter, Sequence, TextStack, config_geometry
 from .registry import register
 from .text_lm import pad_ids
@@ -58,7 +58,7 @@ class Qwen2VLAdapter(ModelAdapter):
     # --- images ---------------------------------------------------------------------------------
     def _preprocess(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
         if path not in self._pixels:
-            out = self.processor(images=[open_image(path)], return_tensors="np")
+            out = self.processor(images=[load_image(path)], return_tensors="np")
             self._pixels[path] = (out["pixel_values"], out["image_grid_thw"][0])
         return self._pixels[path]
 

@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..compile.demos import open_image
 from ..errors import ModelLoadError
-from ..runtime.image import preprocess_square
+from ..runtime.image import load_image, preprocess_square
 from .base import Batch, Sequence
 from .registry import register
 from .text_lm import TextDecoderAdapter, pad_ids
@@ -79,7 +78,7 @@ class TinyVLMAdapter(TextDecoderAdapter):
     # --- images ---------------------------------------------------------------------------------
     def pixels(self, path: Path) -> np.ndarray:
         """[3, S, S] float32: the same function the runtime calls."""
-        return preprocess_square(open_image(path), self.image_preprocessing())
+        return preprocess_square(load_image(path), self.image_preprocessing())
 
     @torch.no_grad()
     def _image_features(self, path: Path) -> torch.Tensor:

@@ -7,8 +7,8 @@ the settings dict the compiler stores in the task memory (`Qwen2VLAdapter.image_
     -> x * rescale_factor (float64, then float32) -> (x - mean) / std (float32)
     -> patches in merge-window order, each frame repeated temporal_patch_size times
 
-`load_image` is the one file reader shared by the compiler (`compile/demos.open_image`) and the
-runtime, so both sides see identical pixels for the same file.
+`load_image` is the one file reader shared by the compiler (`compile/demos.open_image`), the model
+adapters and the runtime, so both sides see identical pixels for the same file.
 """
 from __future__ import annotations
 
