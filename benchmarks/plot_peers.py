@@ -15,6 +15,10 @@ import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.axes import Axes
 
 
 DEFAULT_LINE = "emloc-context-int8"  # drawn thicker: the default policy, stored int8
@@ -51,7 +55,7 @@ def shifted(lines: dict[str, list], reference: float) -> dict[str, list]:
     return {name: [(kept, acc - reference) for kept, acc in points] for name, points in lines.items()}
 
 
-def draw(ax, ours: dict[str, list], theirs: dict[str, list]) -> None:
+def draw(ax: "Axes", ours: dict[str, list], theirs: dict[str, list]) -> None:
     """Our policies as solid lines (the default thicker), kvpress's presses dashed (dense sizes dotted)."""
     for name, points in sorted(ours.items()):
         xs, ys = zip(*sorted(points))
@@ -80,8 +84,8 @@ def main() -> None:
         lines, refs = lines_from_eval(report)
         ours.update(lines)
         references.update(refs)
-    if len({(r["test_items"], r["demos"]) for r in reports}) > 1:
-        raise SystemExit("--eval reports must come from the same demos and test items")
+    if len({(r["test_items"], r["demos"], r["runtime"]["backend"], r["runtime"]["weights"]) for r in reports}) > 1:
+        raise SystemExit("--eval reports must come from the same demos, test items and backend (runtime, weights)")
     theirs, peers_full = lines_from_peers(peers)
 
     import matplotlib
@@ -106,7 +110,7 @@ def main() -> None:
         draw(gap, shifted(ours, our_full), shifted(theirs, peers_full))
         gap.axhline(0.0, linestyle="-.", color="black", alpha=0.6)
         gap.set(xlabel="kept fraction of the context", ylabel="accuracy − its own path's full context",
-                xlim=(0.05, 0.8), ylim=(-0.35, 0.1), title="against each path's own full context (zoomed)")
+                xlim=(0.05, 0.8), ylim=(-0.35, 0.1), title="against each path's own full context (cut at −0.35)")
     else:
         gap.set_visible(False)
     fig.tight_layout()
