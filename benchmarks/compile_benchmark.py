@@ -66,26 +66,28 @@ VARIANTS = {
 }
 
 
+# "+<letter><number>" -> (policy attribute, its value from the number), e.g. "+k4", "+m95"
+NUMBERED_VARIANTS = {
+    "w": ("profile_window", int),  # the profile is the per-layer median of the last N searches
+    "r": ("calibration_rows", int),  # a "held-out" policy calibrates on N rows
+    "k": ("ranking_rows", int),  # single-layer (ranking) trials judged on N of them
+    "m": ("merge_threshold", lambda n: int(n) / 100),  # evicted values merged at key cosine >= N/100
+}
+
+
 @dataclass
 class VariantOptions(CompileOptions):
-    """A policy with some of its judging settings changed, e.g. "emloc+next+content" (VARIANTS);
-    "+w3" takes the profile as the per-layer median of the last 3 searches; "+r16" calibrates a
-    "held-out" policy on 16 rows; "+k4" judges its single-layer (ranking) trials on 4 of them; "+m95"
-    merges evicted values into kept tokens whose keys have cosine >= 0.95 with theirs."""
+    """A policy with some of its judging settings changed, e.g. "emloc+next+content" (VARIANTS) or
+    "emloc-context+k4+m95" (NUMBERED_VARIANTS)."""
 
     variant: tuple[str, ...] = ()
 
     def make_policy(self):
         policy = super().make_policy()
         for v in self.variant:
-            if v[:1] == "w" and v[1:].isdigit():
-                policy.profile_window = int(v[1:])
-            elif v[:1] == "r" and v[1:].isdigit():
-                policy.calibration_rows = int(v[1:])
-            elif v[:1] == "k" and v[1:].isdigit():
-                policy.ranking_rows = int(v[1:])
-            elif v[:1] == "m" and v[1:].isdigit():
-                policy.merge_threshold = int(v[1:]) / 100
+            if v[:1] in NUMBERED_VARIANTS and v[1:].isdigit():
+                name, parse = NUMBERED_VARIANTS[v[:1]]
+                setattr(policy, name, parse(v[1:]))
             else:
                 setattr(policy, *VARIANTS[v])
         return policy
