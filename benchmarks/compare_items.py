@@ -2,9 +2,11 @@
 
     python benchmarks/compare_items.py A.json#press=adakv,target_kept=0.433 B.json#policy=emloc-context,precision=int8
 
-Each side is a JSON file written by compile_benchmark.py or kvpress_peers.py, then after '#' the row's
-fields to match (values compared as text); '#full' is compile_benchmark's full context. Rows carry their
-per-query correctness ("correct_items") since these scripts record it. Prints how many queries the
+Each side is a JSON file written by compile_benchmark.py, kvpress_peers.py or `emloc-edge eval --json`
+(its conditions: '#name=full-context'), then after '#' the row's fields to match (values compared as
+text); 'full' names compile_benchmark's full context, 'run=NAME' one run of a results file that holds
+several (benchmarks/results/*.json). Rows carry their per-query correctness ("correct_items") since
+these scripts record it. Prints how many queries the
 second side loses and wins against the first, and p (`emloc_edge/evaluate/paired.py`).
 """
 from __future__ import annotations
@@ -22,10 +24,14 @@ def correct_items(spec: str) -> list[bool]:
     """The per-query correctness of the row `spec` (FILE#field=value,... or FILE#full) names."""
     path, _, selector = spec.partition("#")
     data = json.loads(Path(path).read_text())
-    if selector == "full":
+    fields = [f for f in selector.split(",") if f]
+    wanted = dict(f.split("=", 1) for f in fields if "=" in f)
+    if "run" in wanted:  # a results file that holds several runs
+        data = data["runs"][wanted.pop("run")]
+    if "full" in fields:
         return data["correct_items_full_context"]
-    wanted = dict(pair.split("=", 1) for pair in selector.split(",") if pair)
-    rows = [r for r in data["rows"] if all(str(r.get(k)) == v for k, v in wanted.items())]
+    candidates = data.get("rows", data.get("conditions", []))  # a benchmark's rows, or an eval report's conditions
+    rows = [r for r in candidates if all(str(r.get(k)) == v for k, v in wanted.items())]
     if len(rows) != 1:
         raise SystemExit(f"{spec}: {len(rows)} rows match (want 1)")
     if "correct_items" not in rows[0]:
